@@ -1,0 +1,105 @@
+"""The configuration of one training run. Validates itself; errors name the bad value."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from finegates.gated_model import LAYOUTS, PENALTIES
+
+
+class ConfigError(ValueError):
+    """A bad configuration value. The message is one line naming the value and what is accepted."""
+
+
+METHODS = ("finegates",)  # extended by finegates.methods
+PRECISIONS = ("auto", "no", "fp16", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    task: str = "sst2"
+    model: str | None = None  # None: the embedded all-MiniLM-L6-v2
+    method: str = "finegates"
+    # FineGates
+    lam: float = 1.0  # sparsity weight lambda (0 = dense reference: gates trained, no penalty)
+    penalty: str = "paper"  # paper | code | controller
+    target_sparsity: float = 0.4  # for penalty=code/controller
+    layout: str = "coupled"  # coupled | independent
+    rank: int = 0  # LoRA rank inside the gates; 0 = gates only
+    lora_alpha: float | None = None
+    train_bias: bool = True
+    # optimisation
+    lr: float = 2e-3  # head (and LoRA) learning rate
+    gate_lr: float = 5e-2  # gate learning rate
+    warmup_frac: float = 0.0  # controller: fraction of steps over which the target ramps up
+    epochs: float = 3.0
+    batch_size: int = 16
+    max_length: int = 128
+    max_train: int | None = 1000
+    max_eval: int | None = None
+    weight_decay: float = 0.0
+    seed: int = 1948
+    # data and hardware
+    data_dir: str | None = None
+    threads: int | None = None
+    precision: str = "auto"
+    # export and timing
+    output_dir: str | None = None
+    latency_batch: int = 8
+    latency_length: int = 128
+    latency_repeats: int = 10
+    extra: dict[str, Any] = field(default_factory=dict)  # method-specific options (issue: baselines)
+
+    def __post_init__(self) -> None:
+        from finegates.methods import METHOD_NAMES
+
+        def bad(name: str, value: Any, accepted: str) -> ConfigError:
+            return ConfigError(f"{name}={value!r} is invalid; accepted: {accepted}")
+
+        def finite(x: Any) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+        if self.method not in METHOD_NAMES:
+            raise bad("method", self.method, ", ".join(METHOD_NAMES))
+        if not finite(self.lam) or self.lam < 0:
+            raise bad("lambda", self.lam, "a finite number >= 0")
+        if self.penalty not in PENALTIES:
+            raise bad("penalty", self.penalty, ", ".join(PENALTIES))
+        if self.layout not in LAYOUTS:
+            raise bad("layout", self.layout, ", ".join(LAYOUTS))
+        if not finite(self.target_sparsity) or not 0 <= self.target_sparsity < 1:
+            raise bad("target_sparsity", self.target_sparsity, "a number in [0, 1)")
+        if not isinstance(self.rank, int) or self.rank < 0:
+            raise bad("rank", self.rank, "an integer >= 0 (0 = gates only)")
+        for name in ("lr", "gate_lr"):
+            v = getattr(self, name)
+            if not finite(v) or v <= 0:
+                raise bad(name, v, "a finite number > 0")
+        if not finite(self.epochs) or self.epochs <= 0:
+            raise bad("epochs", self.epochs, "a number > 0")
+        if not finite(self.warmup_frac) or not 0 <= self.warmup_frac <= 1:
+            raise bad("warmup_frac", self.warmup_frac, "a number in [0, 1]")
+        for name in ("batch_size", "max_length", "latency_batch", "latency_length", "latency_repeats"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise bad(name, v, "an integer > 0")
+        for name in ("max_train", "max_eval"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v <= 0):
+                raise bad(name, v, "an integer > 0, or none for the whole split")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads <= 0):
+            raise bad("threads", self.threads, "an integer > 0")
+        if self.precision not in PRECISIONS:
+            raise bad("precision", self.precision, ", ".join(PRECISIONS))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown config keys {unknown}; accepted: {', '.join(sorted(names))}")
+        return cls(**d)

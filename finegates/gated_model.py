@@ -1,0 +1,208 @@
+"""Putting gates into a Hugging Face encoder classifier, and the sparsity penalties.
+
+Supported: BERT-family and RoBERTa-family encoders (``<prefix>.encoder.layer[i]`` with
+``attention.self.{query,key,value}``, ``attention.output.dense``, ``intermediate.dense``,
+``output.dense``), e.g. the embedded all-MiniLM-L6-v2, bert-base, roberta-base.
+
+Two gate layouts:
+
+* ``independent`` (the paper): a row and a column gate on each of Q, K, V, O, FFN-up, FFN-down.
+  Residual-side gates (columns of Q/K/V/up, rows of O/down) can only be folded into weights; they
+  never remove a parameter.
+* ``coupled``: one gate per physically removable unit: rows of Q, K, V and FFN-up. A closed V row
+  removes that row of V and the matching column of O; a closed up row removes an FFN neuron (its
+  up row and down column); a closed Q or K row removes that dimension from both Q and K.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from finegates.gates import Gate, GatedLinear
+
+log = logging.getLogger(__name__)
+
+LAYOUTS = ("independent", "coupled")
+PENALTIES = ("paper", "code", "controller")
+SLOTS = ("q", "k", "v", "o", "up", "down")
+
+
+@dataclass
+class LayerGates:
+    """The six gated linears of one transformer layer."""
+
+    q: GatedLinear
+    k: GatedLinear
+    v: GatedLinear
+    o: GatedLinear
+    up: GatedLinear
+    down: GatedLinear
+
+    def items(self) -> list[tuple[str, GatedLinear]]:
+        return [(s, getattr(self, s)) for s in SLOTS]
+
+
+def base_encoder(model: nn.Module) -> nn.Module:
+    """The encoder module holding ``layer`` (``model.bert.encoder``, ``model.roberta.encoder``)."""
+    base = getattr(model, "base_model", model)
+    enc = getattr(base, "encoder", None)
+    if enc is None or not hasattr(enc, "layer"):
+        raise ValueError(f"model type {getattr(model.config, 'model_type', type(model).__name__)!r} is not "
+                         "supported; supported: BERT- and RoBERTa-family encoders")
+    return enc
+
+
+def _layer_modules(layer: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    att = layer.attention
+    return {
+        "q": (att.self, "query"), "k": (att.self, "key"), "v": (att.self, "value"),
+        "o": (att.output, "dense"), "up": (layer.intermediate, "dense"), "down": (layer.output, "dense"),
+    }
+
+
+def apply_gates(model: nn.Module, *, layout: str = "coupled", rank: int = 0, lora_alpha: float | None = None,
+                train_bias: bool = True) -> list[LayerGates]:
+    """Replace the six target linears of every layer by :class:`GatedLinear` (in place) and freeze
+    everything but gates, LoRA, (optionally) the gated biases and the classification head."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown gate layout {layout!r}; accepted: {', '.join(LAYOUTS)}")
+    enc = base_encoder(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    head_params = trainable_head_parameters(model)
+    for p in head_params:
+        p.requires_grad_(True)
+    layers: list[LayerGates] = []
+    for layer in enc.layer:
+        gated = {}
+        for slot, (parent, attr) in _layer_modules(layer).items():
+            base = getattr(parent, attr)
+            if layout == "independent":
+                row, col = True, True
+            else:
+                row, col = slot in ("q", "k", "v", "up"), False
+            gl = GatedLinear(base, row=row, col=col, rank=rank, lora_alpha=lora_alpha, train_bias=train_bias)
+            gl.to(device=base.weight.device)
+            setattr(parent, attr, gl)
+            gated[slot] = gl
+        layers.append(LayerGates(**gated))
+    model.finegates_layers = layers  # type: ignore[attr-defined]
+    return layers
+
+
+def trainable_head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The classification head: every parameter outside the embeddings and the encoder
+    (BERT: pooler + classifier; RoBERTa: classifier.dense + classifier.out_proj)."""
+    base = getattr(model, "base_model", model)
+    inner = {id(p) for m in (getattr(base, "embeddings", None), getattr(base, "encoder", None)) if m is not None
+             for p in m.parameters()}
+    return [p for p in model.parameters() if id(p) not in inner]
+
+
+def gated_layers(model: nn.Module) -> list[LayerGates]:
+    layers = getattr(model, "finegates_layers", None)
+    if layers is None:
+        raise ValueError("model has no gates: call finegates.apply_gates first")
+    return layers
+
+
+def all_gates(model: nn.Module) -> list[Gate]:
+    return [g for lg in gated_layers(model) for _, gl in lg.items() for g in gl.gates()]
+
+
+def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [g.theta for g in all_gates(model)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Penalties and expected sparsity
+
+
+def penalty_paper(model: nn.Module) -> torch.Tensor:
+    """Gaussian-relaxed L0 (paper): mean over all gates of P(open)."""
+    return torch.cat([g.p_open() for g in all_gates(model)]).mean()
+
+
+def penalty_code(model: nn.Module, target_sparsity: float) -> torch.Tensor:
+    """Official code: per gated linear 0.5 * (|mean_r P - keep| + |mean_c P - keep|), averaged."""
+    keep = 1.0 - target_sparsity
+    terms = []
+    for lg in gated_layers(model):
+        for _, gl in lg.items():
+            parts = [(g.p_open().mean() - keep).abs() for g in gl.gates()]
+            if parts:
+                terms.append(sum(parts) / len(parts))
+    return torch.stack(terms).mean()
+
+
+def _p(gate: Gate | None, size: int, like: torch.Tensor) -> torch.Tensor:
+    return gate.p_open() if gate is not None else like.new_ones(size)
+
+
+def expected_sparsity(model: nn.Module) -> torch.Tensor:
+    """Expected fraction of gated weight parameters that export removes (differentiable).
+
+    Per layer, a Q/K dimension j survives iff Q-row j and K-row j are open; a V/O dimension iff V-row j
+    and O-column j; an FFN neuron iff up-row j and down-column j. Each survivor keeps 2 * hidden weights.
+    (Head padding at export can keep a few more; the exporter reports the true count.)
+    """
+    kept, total = 0.0, 0
+    for lg in gated_layers(model):
+        h = lg.q.in_features
+        ref = lg.q.weight
+        pq = _p(lg.q.row_gate, lg.q.out_features, ref)
+        pk = _p(lg.k.row_gate, lg.k.out_features, ref)
+        pv = _p(lg.v.row_gate, lg.v.out_features, ref)
+        po = _p(lg.o.col_gate, lg.o.in_features, ref)
+        pu = _p(lg.up.row_gate, lg.up.out_features, ref)
+        pd = _p(lg.down.col_gate, lg.down.in_features, ref)
+        kept = kept + 2 * h * ((pq * pk).sum() + (pv * po).sum()) + 2 * lg.up.in_features * (pu * pd).sum()
+        total += sum(gl.weight.numel() for _, gl in lg.items())
+        del h
+    return 1.0 - kept / total
+
+
+class SparsityController(nn.Module):
+    """CoFi-style Lagrangian that drives expected sparsity to a target (Xia et al. 2022).
+
+    ``loss = l1 (s_hat - t) + l2 (s_hat - t)^2``; the gates minimise it, ``l1`` and ``l2`` maximise it
+    (their own optimiser with a negative learning rate). ``t`` ramps linearly from 0 to the target over
+    ``warmup_steps``.
+    """
+
+    def __init__(self, target: float, warmup_steps: int) -> None:
+        super().__init__()
+        self.target = target
+        self.warmup_steps = max(int(warmup_steps), 0)
+        self.l1 = nn.Parameter(torch.zeros(()))
+        self.l2 = nn.Parameter(torch.zeros(()))
+
+    def current_target(self, step: int) -> float:
+        if self.warmup_steps == 0:
+            return self.target
+        return self.target * min(1.0, step / self.warmup_steps)
+
+    def forward(self, s_hat: torch.Tensor, step: int) -> torch.Tensor:
+        d = s_hat - self.current_target(step)
+        return self.l1 * d + self.l2 * d * d
+
+
+# ---------------------------------------------------------------------------------------------------
+# Counting
+
+
+@torch.no_grad()
+def gate_sparsity(model: nn.Module) -> float:
+    """Fraction of gates whose eval value is 0."""
+    closed = torch.cat([g.closed() for g in all_gates(model)])
+    return float(closed.float().mean())
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable

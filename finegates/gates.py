@@ -1,0 +1,124 @@
+"""Stochastic row/column gates and the gated linear layer (FineGates, arXiv 2412.12951).
+
+Gate math follows the official code (GitHub jsvir/FineGates):
+
+    theta ~ N(1, 0.1^2) at init;  mu = tanh(theta)                      # mu starts near 0.76
+    train: z = clamp(mu + 0.5 + eps, 0, 1),  eps ~ N(0, 0.1^2), one draw per forward
+    eval:  z = clamp(mu + 0.5, 0, 1)                                    # may be fractional
+    P(open) = Phi((mu + 0.5) / sigma_reg),  sigma_reg = 0.5
+    closed (removable) exactly when the eval gate is 0, i.e. mu <= -0.5
+
+A :class:`GatedLinear` computes ``y = z_r * ((W + s B A)(z_c * x) + b)`` for a frozen ``W`` (m x n).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NOISE_STD = 0.1
+SIGMA_REG = 0.5
+INIT_MEAN = 1.0
+INIT_STD = 0.1
+
+
+class Gate(nn.Module):
+    """A vector of ``size`` stochastic gates in [0, 1]."""
+
+    def __init__(self, size: int, init_mean: float = INIT_MEAN, init_std: float = INIT_STD,
+                 noise_std: float = NOISE_STD, sigma_reg: float = SIGMA_REG) -> None:
+        super().__init__()
+        self.theta = nn.Parameter(torch.randn(size) * init_std + init_mean)
+        self.noise_std = noise_std
+        self.sigma_reg = sigma_reg
+
+    @property
+    def mu(self) -> torch.Tensor:
+        return torch.tanh(self.theta)
+
+    def forward(self) -> torch.Tensor:  # (size,)
+        mu = self.mu
+        if self.training:
+            mu = mu + self.noise_std * torch.randn_like(mu)
+        return torch.clamp(mu + 0.5, 0.0, 1.0)
+
+    @torch.no_grad()
+    def eval_values(self) -> torch.Tensor:
+        """Deterministic eval gates (what export folds into the weights)."""
+        return torch.clamp(self.mu + 0.5, 0.0, 1.0)
+
+    def p_open(self) -> torch.Tensor:
+        """P(gate open) = Phi((mu + 0.5) / sigma_reg); differentiable in theta."""
+        return 0.5 * (1.0 + torch.erf((self.mu + 0.5) / (self.sigma_reg * math.sqrt(2.0))))
+
+    @torch.no_grad()
+    def closed(self) -> torch.Tensor:
+        return self.eval_values() <= 0.0
+
+    def extra_repr(self) -> str:
+        return f"size={self.theta.numel()}"
+
+
+class GatedLinear(nn.Module):
+    """``Diag(z_r) (W + s B A) Diag(z_c)`` around a frozen :class:`torch.nn.Linear`.
+
+    ``row``/``col`` switch the row (output) and column (input) gates; ``rank`` > 0 adds LoRA inside the
+    gates (A: r x n Kaiming-uniform, B: m x r zeros, scale s = alpha / r). The bias stays where the
+    base layer has it; the row gate is applied after it, so a closed row outputs exactly 0.
+    """
+
+    def __init__(self, base: nn.Linear, *, row: bool = True, col: bool = True, rank: int = 0,
+                 lora_alpha: float | None = None, train_bias: bool = False) -> None:
+        super().__init__()
+        if rank < 0:
+            raise ValueError(f"rank must be >= 0, got {rank}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)  # (m, n)
+        self.bias = None if base.bias is None else nn.Parameter(base.bias.detach().clone(),
+                                                                  requires_grad=train_bias)
+        self.row_gate = Gate(self.out_features) if row else None
+        self.col_gate = Gate(self.in_features) if col else None
+        self.rank = rank
+        if rank > 0:
+            self.lora_A = nn.Parameter(torch.empty(rank, self.in_features))
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank))
+            self.scaling = (lora_alpha if lora_alpha is not None else rank) / rank
+        else:
+            self.lora_A = self.lora_B = None
+            self.scaling = 0.0
+
+    def gates(self) -> list[Gate]:
+        return [g for g in (self.row_gate, self.col_gate) if g is not None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., n) -> (..., m)
+        if self.col_gate is not None:
+            x = x * self.col_gate().to(x.dtype)
+        y = F.linear(x, self.weight, self.bias)
+        if self.lora_A is not None:
+            y = y + F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scaling
+        if self.row_gate is not None:
+            y = y * self.row_gate().to(y.dtype)
+        return y
+
+    @torch.no_grad()
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Eval-mode weight and bias with gates and LoRA folded in: ``y = W' x + b'`` exactly."""
+        w = self.weight.float().clone()  # (m, n)
+        if self.lora_A is not None:
+            w += self.scaling * (self.lora_B.float() @ self.lora_A.float())
+        b = None if self.bias is None else self.bias.float().clone()
+        if self.col_gate is not None:
+            w *= self.col_gate.eval_values().float()[None, :]
+        if self.row_gate is not None:
+            zr = self.row_gate.eval_values().float()
+            w *= zr[:, None]
+            if b is not None:
+                b *= zr
+        return w, b
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, row={self.row_gate is not None}, "
+                f"col={self.col_gate is not None}, rank={self.rank}")

@@ -1,0 +1,154 @@
+"""Finetuning methods behind one small interface, registered by name.
+
+A method prepares a model in place (adds its parameters, freezes the rest), gives the optimiser its
+parameter groups, optionally a regulariser, and reports its own metrics. Every method exports through
+:func:`finegates.export.build_compressed`, so all are timed and counted alike (methods that do not
+prune export at sparsity 0).
+"""
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from finegates import gated_model as gm
+
+if TYPE_CHECKING:
+    from finegates.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+class Method(ABC):
+    name: str = ""
+    prunes: bool = False
+
+    @abstractmethod
+    def prepare(self, model: nn.Module, cfg: "TrainConfig", total_steps: int) -> nn.Module:
+        """Modify ``model`` for training; return the module to train (may be a wrapper)."""
+
+    @abstractmethod
+    def param_groups(self, model: nn.Module, cfg: "TrainConfig") -> list[dict]:
+        """Optimiser parameter groups (each a dict with ``params`` and ``lr``)."""
+
+    def regularizer(self, model: nn.Module, step: int) -> torch.Tensor | None:
+        return None
+
+    def after_step(self) -> None:
+        """Called after the main optimiser step (e.g. to step a dual optimiser)."""
+
+    def metrics(self, model: nn.Module) -> dict[str, float]:
+        return {}
+
+    def exportable(self, model: nn.Module) -> nn.Module:
+        """The plain (or gated) HF model to export."""
+        return model
+
+
+class FineGates(Method):
+    """Row/column gates (+ optional LoRA inside the gates), see :mod:`finegates.gates`."""
+
+    name = "finegates"
+    prunes = True
+
+    def __init__(self) -> None:
+        self.controller: gm.SparsityController | None = None
+        self.dual_opt: torch.optim.Optimizer | None = None
+        self.cfg: TrainConfig | None = None
+
+    def prepare(self, model: nn.Module, cfg: "TrainConfig", total_steps: int) -> nn.Module:
+        self.cfg = cfg
+        gm.apply_gates(model, layout=cfg.layout, rank=cfg.rank, lora_alpha=cfg.lora_alpha, train_bias=cfg.train_bias)
+        if cfg.penalty == "controller" and cfg.lam > 0:
+            dev = next(model.parameters()).device
+            self.controller = gm.SparsityController(cfg.target_sparsity, int(cfg.warmup_frac * total_steps)).to(dev)
+            # gradient ascent on the multipliers (CoFi: lr -reg_lr); maximize=True is the same thing
+            self.dual_opt = torch.optim.AdamW(self.controller.parameters(), lr=cfg.gate_lr, maximize=True,
+                                              weight_decay=0.0)
+        return model
+
+    def param_groups(self, model: nn.Module, cfg: "TrainConfig") -> list[dict]:
+        gate_ids = {id(p) for p in gm.gate_parameters(model)}
+        gates = [p for p in model.parameters() if id(p) in gate_ids]
+        others = [p for p in model.parameters() if p.requires_grad and id(p) not in gate_ids]
+        return [{"params": gates, "lr": cfg.gate_lr, "weight_decay": 0.0},
+                {"params": others, "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+
+    def regularizer(self, model: nn.Module, step: int) -> torch.Tensor | None:
+        cfg = self.cfg
+        assert cfg is not None
+        if cfg.lam == 0:
+            return None
+        if cfg.penalty == "paper":
+            return cfg.lam * gm.penalty_paper(model)
+        if cfg.penalty == "code":
+            return cfg.lam * gm.penalty_code(model, cfg.target_sparsity)
+        assert self.controller is not None
+        return self.controller(gm.expected_sparsity(model), step)
+
+    def after_step(self) -> None:
+        if self.dual_opt is not None:
+            self.dual_opt.step()
+            self.dual_opt.zero_grad(set_to_none=True)
+
+    def metrics(self, model: nn.Module) -> dict[str, float]:
+        with torch.no_grad():
+            out = {"gate_sparsity": gm.gate_sparsity(model), "expected_sparsity": float(gm.expected_sparsity(model))}
+            mus = torch.cat([g.mu for g in gm.all_gates(model)])
+            out["gate_mu_min"] = float(mus.min())
+            out["gate_mu_mean"] = float(mus.mean())
+        if self.controller is not None:
+            out["lagrange_l1"] = float(self.controller.l1)
+        return out
+
+
+class Full(Method):
+    """Full finetuning: every parameter trains (the usual upper reference)."""
+
+    name = "full"
+
+    def prepare(self, model: nn.Module, cfg: "TrainConfig", total_steps: int) -> nn.Module:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+
+    def param_groups(self, model: nn.Module, cfg: "TrainConfig") -> list[dict]:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr,
+                 "weight_decay": cfg.weight_decay}]
+
+
+class Lora(Method):
+    """LoRA through peft (r = cfg.rank or 8, on query and value by default); merged on export."""
+
+    name = "lora"
+
+    def prepare(self, model: nn.Module, cfg: "TrainConfig", total_steps: int) -> nn.Module:
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        r = cfg.rank or 8
+        targets = cfg.extra.get("target_modules", ["query", "value"])
+        save = ["classifier"] + (["pooler"] if getattr(model.base_model, "pooler", None) is not None else [])
+        pcfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=r, lora_alpha=cfg.lora_alpha or 2 * r,
+                          lora_dropout=float(cfg.extra.get("lora_dropout", 0.0)), target_modules=targets,
+                          modules_to_save=save)
+        return get_peft_model(model, pcfg)
+
+    def param_groups(self, model: nn.Module, cfg: "TrainConfig") -> list[dict]:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr,
+                 "weight_decay": cfg.weight_decay}]
+
+    def exportable(self, model: nn.Module) -> nn.Module:
+        return model.merge_and_unload()
+
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (FineGates, Lora, Full)}
+METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; accepted: {', '.join(METHODS)}")
+    return METHODS[name]()

