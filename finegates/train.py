@@ -66,6 +66,7 @@ def load_base(model_path: str, num_labels: int, label_names: tuple[str, ...]):
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     kw: dict[str, Any] = {"num_labels": num_labels}
     if num_labels > 1:
         kw["id2label"] = dict(enumerate(label_names))
@@ -167,7 +168,7 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool 
             opt.step()
             opt.zero_grad(set_to_none=True)
             method.after_step()
-            losses.append(float(loss))
+            losses.append(loss.detach().item())
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")

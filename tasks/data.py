@@ -62,7 +62,10 @@ def load_split(task: TaskSpec, split: str, data_dir: str | os.PathLike | None = 
     if not path.is_file():
         found = ", ".join(available_splits(task, root)) or "none"
         raise TaskError(f"task {task.name!r} has no split {split!r} in {root} (found: {found})")
-    df = pd.read_parquet(path)
+    try:
+        df = pd.read_parquet(path)
+    except Exception as e:  # noqa: BLE001 - truncated or non-Parquet file
+        raise TaskError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
     missing = [c for c in (*task.text_columns, "label") if c not in df.columns]
     if missing:
         raise TaskError(f"{path} lacks columns {missing}; expected the HF glue schema {list(task.text_columns)} + label")

@@ -1,0 +1,55 @@
+"""Bad input to ``python -m finegates.train``: one clear line, exit 2, nothing written."""
+import subprocess
+import sys
+
+import pytest
+
+from finegates.train import main
+
+CASES = [
+    (["--task", "sst3"], "unknown task 'sst3'; accepted: cola"),
+    (["--lambda", "-1"], "lambda=-1.0 is invalid; accepted: a finite number >= 0"),
+    (["--lr", "0"], "lr=0.0 is invalid; accepted: a finite number > 0"),
+    (["--rank", "-2"], "rank=-2 is invalid; accepted: an integer >= 0"),
+    (["--model", "/nonexistent/model"], "model path '/nonexistent/model' does not exist"),
+    (["--penalty", "l2"], "penalty='l2' is invalid; accepted: paper, code, controller"),
+]
+
+
+@pytest.mark.parametrize("args,message", CASES)
+def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, capsys, glue_dir):
+    out = tmp_path / "out"
+    code = main(args + ["--output-dir", str(out), "--data-dir", str(glue_dir), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()
+
+
+def test_missing_data_dir(tmp_path, capsys):
+    code = main(["--data-dir", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "out")])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("files,message", [
+    ({"validation.parquet": "copy"}, "task 'rte' has no split 'train'"),  # a missing train split is an error
+    ({"train.parquet": "copy", "validation.parquet": b"not parquet"}, "cannot read"),
+])
+def test_missing_or_corrupt_split(tmp_path, glue_dir, capsys, files, message):
+    (tmp_path / "glue" / "rte").mkdir(parents=True)
+    for name, content in files.items():
+        data = (glue_dir / "rte" / name).read_bytes() if content == "copy" else content
+        (tmp_path / "glue" / "rte" / name).write_bytes(data)
+    code = main(["--task", "rte", "--data-dir", str(tmp_path / "glue"), "--output-dir", str(tmp_path / "out"),
+                 "--smoke-test", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_process_exit_code_and_help():
+    r = subprocess.run([sys.executable, "-m", "finegates.train", "--task", "nope"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: unknown task 'nope'")
+    h = subprocess.run([sys.executable, "-m", "finegates.train", "--help"], capture_output=True, text=True)
+    assert h.returncode == 0 and "--gate-lr" in h.stdout and "default" in h.stdout

@@ -1,0 +1,164 @@
+import math
+
+import pytest
+import torch
+from scipy.stats import norm
+from torch import nn
+
+from finegates.gated_model import (SparsityController, apply_gates, count_parameters, expected_sparsity,
+                                   gate_sparsity, penalty_code, penalty_paper)
+from finegates.gates import Gate, GatedLinear
+
+
+def test_init_matches_the_official_code():
+    torch.manual_seed(0)
+    g = Gate(20000)
+    assert g.theta.mean().item() == pytest.approx(1.0, abs=0.01)
+    assert g.theta.std().item() == pytest.approx(0.1, abs=0.01)
+    assert g.mu.mean().item() == pytest.approx(math.tanh(1.0), abs=0.01)  # ~0.76: gate fully open
+    g.eval()
+    assert torch.all(g() == 1.0)
+
+
+def test_train_is_noisy_and_clamped_eval_is_deterministic():
+    g = Gate(5)
+    with torch.no_grad():
+        g.theta.copy_(torch.tensor([-3.0, -0.3, 0.0, 0.3, 3.0]))
+    mu = torch.tanh(g.theta.detach())
+    g.eval()
+    assert torch.allclose(g(), torch.clamp(mu + 0.5, 0, 1))
+    assert torch.equal(g(), g())
+    assert g.closed().tolist() == [True, False, False, False, False]  # closed iff mu <= -0.5
+    g.train()
+    torch.manual_seed(0)
+    draws = torch.stack([g() for _ in range(2000)])
+    assert draws.min() >= 0 and draws.max() <= 1
+    # unclamped entries (theta=0: mu=0, z=0.5+eps) have the noise std 0.1
+    assert draws[:, 2].std().item() == pytest.approx(0.1, abs=0.01)
+
+
+def test_p_open_value_and_gradient():
+    g = Gate(3)
+    with torch.no_grad():
+        g.theta.copy_(torch.tensor([-1.0, 0.0, 1.0]))
+    p = g.p_open()
+    mu = torch.tanh(g.theta.detach())
+    assert torch.allclose(p, torch.tensor(norm.cdf(((mu + 0.5) / 0.5).numpy()), dtype=torch.float32), atol=1e-6)
+    p.sum().backward()
+    # d/dtheta Phi((tanh(theta)+0.5)/0.5) = phi(.) / 0.5 * (1 - tanh^2)
+    expected = norm.pdf(((mu + 0.5) / 0.5).numpy()) / 0.5 * (1 - mu.numpy() ** 2)
+    assert torch.allclose(g.theta.grad, torch.tensor(expected, dtype=torch.float32), atol=1e-5)
+
+
+def test_clamped_open_gate_gets_no_task_gradient():
+    """The reason the official defaults are slow: at init the gate sits above the clamp."""
+    torch.manual_seed(0)
+    gl = GatedLinear(nn.Linear(4, 3))
+    gl.eval()
+    gl(torch.randn(2, 4)).sum().backward()
+    assert torch.all(gl.row_gate.theta.grad == 0) and torch.all(gl.col_gate.theta.grad == 0)
+
+
+def test_gated_linear_forward_formula_with_lora():
+    torch.manual_seed(0)
+    base = nn.Linear(6, 4)
+    gl = GatedLinear(base, rank=2, lora_alpha=4.0)
+    with torch.no_grad():
+        gl.lora_B.normal_()
+        gl.row_gate.theta.uniform_(-2, 2)
+        gl.col_gate.theta.uniform_(-2, 2)
+    gl.eval()
+    x = torch.randn(5, 6)
+    zr, zc = gl.row_gate.eval_values(), gl.col_gate.eval_values()
+    w = base.weight + 2.0 * gl.lora_B @ gl.lora_A
+    expected = zr * ((x * zc) @ w.T + base.bias)
+    assert torch.allclose(gl(x), expected, atol=1e-6)
+    wf, bf = gl.folded()
+    assert torch.allclose(x @ wf.T + bf, expected, atol=1e-5)
+    # a closed row outputs exactly zero, bias included
+    with torch.no_grad():
+        gl.row_gate.theta[0] = -5.0
+    assert torch.all(gl(x)[:, 0] == 0)
+
+
+def test_lora_starts_at_the_base_function_and_rejects_negative_rank():
+    base = nn.Linear(6, 4)
+    gl = GatedLinear(base, row=False, col=False, rank=3)
+    x = torch.randn(2, 6)
+    assert torch.allclose(gl(x), base(x))
+    with pytest.raises(ValueError, match="rank"):
+        GatedLinear(base, rank=-1)
+
+
+def _tiny_bert(num_labels=2):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                     num_labels=num_labels)
+    return BertForSequenceClassification(cfg)
+
+
+def test_penalties_values_and_gradients():
+    torch.manual_seed(0)
+    m = _tiny_bert()
+    layers = apply_gates(m, layout="independent")
+    gates = [g for lg in layers for _, gl in lg.items() for g in gl.gates()]
+    all_p = torch.cat([g.p_open() for g in gates])
+    assert penalty_paper(m).item() == pytest.approx(all_p.mean().item())
+    # code form: per gated linear 0.5 (|mean_r - keep| + |mean_c - keep|), averaged over linears
+    keep = 0.6
+    per = [0.5 * (abs(gl.row_gate.p_open().mean().item() - keep) + abs(gl.col_gate.p_open().mean().item() - keep))
+           for lg in layers for _, gl in lg.items()]
+    assert penalty_code(m, 0.4).item() == pytest.approx(sum(per) / len(per), rel=1e-5)
+    penalty_paper(m).backward()
+    # lowering P(open) lowers the penalty: gradient on theta is positive everywhere
+    assert all(torch.all(g.theta.grad > 0) for g in gates)
+
+
+def test_code_penalty_has_one_sign_for_any_target_until_reached():
+    m = _tiny_bert()
+    apply_gates(m, layout="independent")
+    grads = []
+    for t in (0.2, 0.4):
+        m.zero_grad()
+        penalty_code(m, t).backward()
+        grads.append(torch.cat([p.grad.flatten() for n, p in m.named_parameters() if "theta" in n]))
+    assert torch.allclose(grads[0], grads[1])
+
+
+def test_expected_sparsity_bounds_and_controller():
+    m = _tiny_bert()
+    apply_gates(m, layout="coupled")
+    s0 = expected_sparsity(m).item()
+    assert 0 < s0 < 0.2  # all gates open: P(open) ~ 0.99
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "theta" in n:
+                p.fill_(-5.0)
+    # P(open) floors at Phi(-1) = 0.159: QK dims need Q and K open (P^2), V/O and FFN one gate (P)
+    p = norm.cdf(-1.0)
+    h, inter = 16, 32
+    kept = 2 * h * (h * p * p + h * p) + 2 * h * inter * p
+    assert expected_sparsity(m).item() == pytest.approx(1 - kept / (4 * h * h + 2 * h * inter), rel=1e-4)
+    c = SparsityController(target=0.4, warmup_steps=10)
+    assert c.current_target(0) == 0 and c.current_target(5) == pytest.approx(0.2) and c.current_target(50) == 0.4
+    assert gate_sparsity(m) == 1.0
+
+
+def test_freezing_and_trainable_counts():
+    m = _tiny_bert()
+    total_before, _ = count_parameters(m)
+    layers = apply_gates(m, layout="independent", rank=2)
+    h, inter, L = 16, 32, 2
+    gates = L * (4 * 2 * h + 2 * (h + inter))
+    lora = L * (4 * 2 * (h + h) + 2 * 2 * (h + inter))
+    biases = L * (3 * h + h + inter + h)
+    head = (h * h + h) + (2 * h + 2)  # pooler + classifier
+    _, trainable = count_parameters(m)
+    assert trainable == gates + lora + biases + head
+    names = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert not any("embeddings" in n or n.endswith(".weight") and "layer." in n and "lora" not in n for n in names)
+    assert len(layers) == 2
+    coupled = _tiny_bert()
+    apply_gates(coupled, layout="coupled", train_bias=False)
+    assert count_parameters(coupled)[1] == L * (3 * h + inter) + head

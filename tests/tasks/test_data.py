@@ -1,0 +1,70 @@
+import json
+
+import numpy as np
+import pytest
+
+from tasks import TASKS, TaskError, get_task, load_split, load_task_data, parse_tasks
+
+
+def manifest(glue_dir):
+    return json.loads((glue_dir / "manifest.json").read_text())["files"]
+
+
+def test_every_manifest_file_loads_with_its_row_count_columns_and_label_range(glue_dir):
+    files = manifest(glue_dir)
+    assert {f["task"] for f in files} == set(TASKS)
+    for f in files:
+        task = get_task(f["task"])
+        df = load_split(task, f["split"], glue_dir)
+        assert len(df) == f["rows"], f
+        for c in task.text_columns:
+            assert c in df.columns
+        if task.is_regression:
+            assert df["label"].between(0, 5).all()
+        else:
+            assert set(np.unique(df["label"])) <= set(range(task.num_labels)), f
+
+
+def test_missing_split_is_a_clear_error(glue_dir):
+    with pytest.raises(TaskError, match=r"task 'qqp' has no split 'validation' in .*found: train"):
+        load_split(get_task("qqp"), "validation", glue_dir)
+
+
+def test_missing_data_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(TaskError, match="does not exist"):
+        load_split(get_task("sst2"), "train", tmp_path / "nope")
+
+
+def test_unknown_task_and_task_lists():
+    with pytest.raises(TaskError, match=r"unknown task 'sst3'; accepted: cola, sst2"):
+        get_task("sst3")
+    assert [t.name for t in parse_tasks("glue")] == ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte"]
+    assert [t.name for t in parse_tasks("rte, SST2,rte")] == ["rte", "sst2"]
+    with pytest.raises(TaskError, match="empty task list"):
+        parse_tasks(" , ")
+
+
+def test_subsets_are_seeded_and_dynamic_padding(glue_dir, tokenizer):
+    a = load_task_data(get_task("rte"), tokenizer, data_dir=glue_dir, max_train=50, max_eval=20, seed=3)
+    b = load_task_data(get_task("rte"), tokenizer, data_dir=glue_dir, max_train=50, max_eval=20, seed=3)
+    c = load_task_data(get_task("rte"), tokenizer, data_dir=glue_dir, max_train=50, max_eval=20, seed=4)
+    assert len(a.train) == 50 and len(a.eval) == 20 and a.validation_source == "validation"
+    assert [x["input_ids"] for x in a.train] == [x["input_ids"] for x in b.train]
+    assert [x["input_ids"] for x in a.train] != [x["input_ids"] for x in c.train]
+    lengths = {len(x["input_ids"]) for x in a.train}
+    assert len(lengths) > 1 and max(lengths) <= 128  # unpadded, truncated
+
+
+def test_missing_validation_falls_back_to_a_disjoint_train_holdout(glue_dir, tokenizer, caplog):
+    d = load_task_data(get_task("qqp"), tokenizer, data_dir=glue_dir, max_train=300, max_eval=100, seed=1)
+    assert d.validation_source == "train-holdout" and len(d.eval) == 100 and len(d.train) == 300
+    assert "train-holdout" in caplog.text
+    tr = {tuple(x["input_ids"]) for x in d.train}
+    ev = {tuple(x["input_ids"]) for x in d.eval}
+    # disjoint rows (identical question pairs may repeat in QQP, so allow a tiny overlap of duplicates)
+    assert len(tr & ev) <= 2
+
+
+def test_stsb_labels_are_float(glue_dir, tokenizer):
+    d = load_task_data(get_task("stsb"), tokenizer, data_dir=glue_dir, max_train=10, max_eval=10)
+    assert all(isinstance(x["labels"], float) for x in d.train)
