@@ -23,6 +23,7 @@ CONFIGS: dict[str, dict] = {
     "dense-ref": dict(penalty="paper", lam=0.0),
     "paper-l0.1": dict(penalty="paper", lam=0.1),
     "paper-l1": dict(penalty="paper", lam=1.0),
+    "paper-l3": dict(penalty="paper", lam=3.0),
     "paper-l10": dict(penalty="paper", lam=10.0),
     "paper-l1-glr1e-2": dict(penalty="paper", lam=1.0, gate_lr=1e-2),
     "paper-l1-independent": dict(penalty="paper", lam=1.0, layout="independent"),

@@ -18,6 +18,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,7 +34,21 @@ from finegates.methods import METHOD_NAMES, get_method
 
 log = logging.getLogger(__name__)
 
-EpochCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class EpochReport:
+    """What ``on_epoch`` receives after each epoch: the metrics, and the trainable tensors on demand."""
+
+    metrics: dict[str, Any]
+    model: nn.Module
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The parameters that train (gates, LoRA, head, biases): small enough to checkpoint every epoch."""
+        return {n: p.detach().float().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+
+
+EpochCallback = Callable[[EpochReport], None]
 
 
 class TrainingDiverged(RuntimeError):
@@ -180,7 +195,7 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool 
         history.append(rec)
         log.info("epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()})
         if on_epoch is not None:
-            on_epoch(rec)
+            on_epoch(EpochReport(rec, acc.unwrap_model(model)))
     bar.close()
     train_time = time.perf_counter() - t_start
 

@@ -21,8 +21,9 @@ def test_short_run_clearly_beats_the_majority_class(learned):
     result, epochs, _ = learned
     majority = 0.509  # SST-2 validation: 444 of 872 positive
     assert result["score"] > majority + 0.12, result["score"]
-    assert [e["epoch"] for e in epochs] == [1, 2]
-    assert all("score" in e and "gate_sparsity" in e for e in epochs)
+    assert [e.metrics["epoch"] for e in epochs] == [1, 2]
+    assert all("score" in e.metrics and "gate_sparsity" in e.metrics for e in epochs)
+    assert any(".theta" in n for n in epochs[-1].trainable_state())
 
 
 def test_result_fields_and_files(learned):

@@ -1,0 +1,71 @@
+"""Per-task Pareto plots and front tables, logged to the task's parent run."""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import tempfile
+from pathlib import Path
+
+from tune.pareto import Point, pareto_front, threshold
+
+log = logging.getLogger(__name__)
+
+
+def plot_task(task: str, points: list[Point], budgets: list[float], mode: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    front = pareto_front(points)
+    front_ids = {p.id for p in front}
+    ref = max(p.score for p in points)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, xkey, xlabel in ((axes[0], "sparsity", "sparsity (fraction of gated weights removed)"),
+                             (axes[1], "speedup", "CPU speedup (dense / exported latency)")):
+        xs = [p.sparsity if xkey == "sparsity" else p.info.get("speedup", math.nan) for p in points]
+        colors = ["tab:red" if p.id in front_ids else "tab:gray" for p in points]
+        ax.scatter(xs, [p.score for p in points], c=colors, s=28, zorder=3)
+        if xkey == "sparsity" and front:
+            ax.plot([p.sparsity for p in front], [p.score for p in front], "-", color="tab:red", lw=1, zorder=2,
+                    label="Pareto front")
+        for b in budgets:
+            ax.axhline(threshold(ref, b, mode), ls="--", lw=0.8, color="tab:blue")
+            ax.annotate(f"budget {b:g}", (ax.get_xlim()[0], threshold(ref, b, mode)), fontsize=7, color="tab:blue",
+                        va="bottom")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("score")
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="lower left", fontsize=8)
+    fig.suptitle(f"{task}: {len(points)} finished trials, {len(front)} on the front (red)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def front_table(points: list[Point]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["run_id", "method", "score", "sparsity", "speedup", "latency_ms", "lam", "lr", "rank"])
+    for p in pareto_front(points):
+        run = p.info.get("run")
+        params = run.data.params if run is not None else {}
+        tags = run.data.tags if run is not None else {}
+        w.writerow([p.id, tags.get("method", ""), f"{p.score:.4f}", f"{p.sparsity:.4f}",
+                    f"{p.info.get('speedup', math.nan):.3f}", f"{p.latency_ms:.2f}", params.get("lam", ""),
+                    params.get("lr", ""), params.get("rank", "")])
+    return buf.getvalue()
+
+
+def log_task_summary(tracker, parent_id: str, task: str, points: list[Point], budgets: list[float],
+                     mode: str) -> None:
+    """Pareto plot (PNG) and front table (CSV) as artifacts of the parent run."""
+    if not points:
+        return
+    with tempfile.TemporaryDirectory() as d:
+        plot_task(task, points, budgets, mode, Path(d) / f"pareto_{task}.png")
+        (Path(d) / f"pareto_front_{task}.csv").write_text(front_table(points))
+        tracker.client.log_artifacts(parent_id, d)

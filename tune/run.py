@@ -1,0 +1,258 @@
+"""The sweep: finetune and compress every task with FineGates (and the other methods) in one Ray Tune
+run, Optuna searching lambda, learning rate and LoRA rank per task, MLflow recording every trial;
+then select, per task and budget, the best compressed model.
+
+    python -m tune.run --tasks glue --budget 0.02              # local Ray, embedded MiniLM, local MLflow
+    python -m tune.run --smoke-test                            # 2 tasks x 2 trials, tiny data
+    python -m tune.run --address auto --gpus-per-trial 0.25    # on a Ray cluster
+
+Caveats:
+* Defaults follow the hardware: with ``--gpus-per-trial 0`` (the default) trials are sized for a
+  small CPU machine (256 train examples, 3 epochs, 3 trials per task); with GPUs (``--scale gpu``,
+  implied by ``--gpus-per-trial > 0``) 2000 train examples, 5 epochs, 12 trials per task. Every size
+  option overrides its default.
+* The sweep's results live in ``--storage``/``--experiment`` (Ray) and in the MLflow experiment of
+  the same name; ``--resume`` continues both.
+* When a task has no validation split in the data directory (QQP offline), a seeded train hold-out is
+  used and recorded as ``validation_source=train-holdout``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("tune.run")
+
+SCALES = {
+    "cpu": dict(trials_per_task=3, max_train=256, max_eval=300, epochs=3.0, latency_repeats=5),
+    "gpu": dict(trials_per_task=12, max_train=2000, max_eval=None, epochs=5.0, latency_repeats=20),
+    "smoke": dict(trials_per_task=2, max_train=64, max_eval=64, epochs=1.0, latency_repeats=2, max_length=64,
+                  latency_batch=2, latency_length=32),
+}
+SMOKE_TASKS = "sst2,rte"
+
+
+class UsageError(ValueError):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tune.run", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    a = p.add_argument
+    a("--tasks", default="glue", help="'glue' (the 8 GLUE tasks without WNLI) or a comma list (default: glue)")
+    a("--budget", default="0.02", help="accuracy budget(s), comma list in [0, 1]; one selection each (default: 0.02)")
+    a("--budget-mode", default="relative", choices=["relative", "absolute"], help="default: relative")
+    a("--select-by", default="sparsity", choices=["sparsity", "latency"], help="default: sparsity")
+    a("--methods", default="finegates", help="comma list of: finegates, lora, full (default: finegates)")
+    a("--model", default=None, help="HF model dir or hub id (default: the embedded all-MiniLM-L6-v2)")
+    a("--trials-per-task", type=int, default=None, help="trials per task and method, reference included "
+      "(default: 3 cpu, 12 gpu, 2 smoke)")
+    a("--max-concurrent", type=int, default=None, help="concurrent trials (default: as many as resources allow)")
+    a("--cpus-per-trial", type=float, default=None, help="CPUs per trial (default: 2, or all CPUs of a local "
+      "machine with fewer)")
+    a("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial, fractional allowed (default: 0)")
+    a("--scale", default="auto", choices=["auto", "cpu", "gpu"], help="default sizes (auto: gpu if "
+      "--gpus-per-trial > 0)")
+    a("--mlflow-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+      "sqlite:///<cwd>/mlflow.db)")
+    a("--experiment", default=None, help="sweep name = MLflow experiment = Ray run name (default: "
+      "finegates-<tasks>)")
+    a("--storage", default=None, help="Ray results: absolute path or URI (default: <cwd>/runs/ray)")
+    a("--out", default=None, help="selection output dir (default: <cwd>/runs/<experiment>)")
+    a("--address", default=None, help="attach to a Ray cluster ('auto' or host:port; default: start a local Ray)")
+    a("--resume", action="store_true", help="continue an interrupted sweep of the same --experiment/--storage")
+    a("--smoke-test", action="store_true", help="2 tasks (sst2, rte), 2 trials each, tiny subsets")
+    a("--seed", type=int, default=1948, help="seed of data subsets, training and the samplers (default: 1948)")
+    a("--data-dir", default=None, help="local GLUE Parquet dir (default: $FINEGATES_GLUE_DIR, else the HF hub)")
+    a("--max-train", default=None, help="train examples per trial ('all' for all)")
+    a("--max-eval", default=None, help="eval examples per trial ('all' for all)")
+    a("--epochs", type=float, default=None, help="epochs per trial")
+    a("--batch-size", type=int, default=16, help="default: 16")
+    a("--max-length", type=int, default=None, help="max tokens per example (default: 128)")
+    a("--gate-lr", type=float, default=None, help="gate learning rate (default: finegates' default)")
+    a("--max-failures", type=int, default=1, help="retries of a trial whose worker died (default: 1)")
+    a("--verbose", type=int, default=1, help="Ray Tune verbosity 0-3 (default: 1)")
+    return p
+
+
+def _opt_int(name: str, v: str | None) -> int | None | str:
+    if v is None:
+        return "default"
+    if str(v).lower() in ("all", "none"):
+        return None
+    try:
+        n = int(v)
+    except ValueError:
+        raise UsageError(f"--{name} {v!r} is not an integer; accepted: a positive integer or 'all'") from None
+    if n <= 0:
+        raise UsageError(f"--{name} {v} must be > 0; accepted: a positive integer or 'all'")
+    return n
+
+
+def validate(args: argparse.Namespace) -> dict[str, Any]:
+    """Check every input before anything starts or is written. Raises one-line errors."""
+    from finegates.config import ConfigError, TrainConfig
+    from finegates.train import resolve_model
+    from tasks import parse_tasks, resolve_data_dir
+    from tune.select import parse_budgets
+    from tune.space import SPACES
+    from tune.tracking import check_reachable, default_tracking_uri
+
+    if args.smoke_test and args.tasks == "glue":
+        args.tasks = SMOKE_TASKS
+    tasks = [t.name for t in parse_tasks(args.tasks)]
+    budgets = parse_budgets(args.budget, args.budget_mode)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods or any(m not in SPACES for m in methods):
+        bad = [m for m in methods if m not in SPACES] or [args.methods]
+        raise UsageError(f"--methods {','.join(bad)!r} is invalid; accepted: {', '.join(SPACES)}")
+    scale = "smoke" if args.smoke_test else (args.scale if args.scale != "auto" else
+                                             ("gpu" if args.gpus_per_trial > 0 else "cpu"))
+    sizes = dict(SCALES[scale])
+    trials = args.trials_per_task if args.trials_per_task is not None else sizes.pop("trials_per_task")
+    sizes.pop("trials_per_task", None)
+    if trials < 1:
+        raise UsageError(f"--trials-per-task {trials} must be >= 1 (the first trial is the reference)")
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise UsageError(f"--max-concurrent {args.max_concurrent} must be >= 1")
+    if args.gpus_per_trial < 0:
+        raise UsageError(f"--gpus-per-trial {args.gpus_per_trial} must be >= 0 (fractions like 0.25 allowed)")
+    cpus = args.cpus_per_trial if args.cpus_per_trial is not None else float(min(2, os.cpu_count() or 1))
+    if cpus <= 0:
+        raise UsageError(f"--cpus-per-trial {cpus} must be > 0")
+    storage = args.storage or str(Path("runs/ray").resolve())
+    if "://" not in storage and not os.path.isabs(storage):
+        raise UsageError(f"--storage {storage!r} must be an absolute path or a URI (s3://..., gs://..., file:///...)")
+    data_dir = resolve_data_dir(args.data_dir)
+    model = resolve_model(args.model)
+    uri = args.mlflow_uri or default_tracking_uri()
+    check_reachable(uri)
+    for name in ("max_train", "max_eval"):
+        v = _opt_int(name.replace("_", "-"), getattr(args, name))
+        if v != "default":
+            sizes[name] = v
+    for name in ("epochs", "max_length", "gate_lr"):
+        if getattr(args, name) is not None:
+            sizes[name] = getattr(args, name)
+    train = dict(model=model, data_dir=str(data_dir) if data_dir else None, batch_size=args.batch_size,
+                 seed=args.seed, threads=max(1, int(cpus)), **sizes)
+    try:
+        TrainConfig(task=tasks[0], **train)  # validates the shared training settings
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    experiment = args.experiment or ("finegates-smoke" if args.smoke_test else
+                                     "finegates-" + ("glue" if args.tasks == "glue" else "-".join(tasks)))
+    out = Path(args.out).resolve() if args.out else Path("runs", experiment).resolve()
+    return dict(tasks=tasks, budgets=budgets, methods=methods, trials=trials, cpus=cpus, storage=storage, uri=uri,
+                train=train, experiment=experiment, out=out, scale=scale)
+
+
+class ParetoCallback:
+    """Tune callback: re-tag the task's Pareto front in MLflow whenever one of its trials ends."""
+
+    def __new__(cls, *a, **k):  # subclass lazily so that importing this module does not import Ray
+        from ray.tune import Callback
+
+        class _Pareto(Callback):
+            def __init__(self, uri: str, experiment_id: str, sweep: str) -> None:
+                self.uri, self.experiment_id, self.sweep = uri, experiment_id, sweep
+
+            def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+                self._retag(trial)
+
+            def on_trial_error(self, iteration, trials, trial, **info) -> None:
+                self._retag(trial)
+
+            def _retag(self, trial) -> None:
+                from tune.tracking import Tracker
+
+                try:
+                    Tracker(self.uri, experiment_id=self.experiment_id).update_pareto_tags(trial.config["task"], self.sweep)
+                except Exception as e:  # noqa: BLE001 - tagging must never stop the sweep
+                    log.warning("could not update Pareto tags: %s", e)
+
+        return _Pareto(*a, **k)
+
+
+def sweep(v: dict[str, Any], args: argparse.Namespace) -> None:
+    import ray
+    from ray import tune
+
+    from tune.searcher import MultiTaskOptunaSearch
+    from tune.space import get_space
+    from tune.tracking import Tracker
+    from tune.trial import trial_fn
+
+    tracker = Tracker(v["uri"], v["experiment"])
+    parents = {t: tracker.parent_run(v["experiment"], t) for t in v["tasks"]}
+    fixed = dict(mlflow_uri=v["uri"], experiment_id=tracker.experiment_id, sweep=v["experiment"], parents=parents,
+                 models_dir=str(v["out"] / "models"), train=v["train"])
+    if not ray.is_initialized():
+        if args.address:
+            ray.init(address=args.address, log_to_driver=False)
+        else:
+            ray.init(include_dashboard=False, log_to_driver=False)
+    trainable = tune.with_resources(tune.with_parameters(trial_fn, fixed=fixed),
+                                    {"cpu": v["cpus"], "gpu": args.gpus_per_trial})
+    path = v["storage"].rstrip("/") + "/" + v["experiment"]
+    if args.resume and tune.Tuner.can_restore(path):
+        log.warning("resuming sweep %s from %s", v["experiment"], path)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                   restart_errored=False)
+    else:
+        searcher = MultiTaskOptunaSearch(v["tasks"], [get_space(m) for m in v["methods"]], v["trials"], seed=args.seed)
+        n = v["trials"] * len(v["tasks"]) * len(v["methods"])
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=n, reuse_actors=True,
+                                        max_concurrent_trials=args.max_concurrent),
+            run_config=tune.RunConfig(
+                name=v["experiment"], storage_path=v["storage"], verbose=args.verbose,
+                failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                callbacks=[ParetoCallback(v["uri"], tracker.experiment_id, v["experiment"])]),
+        )
+    grid = tuner.fit()
+    errors = sum(1 for r in grid if r.error is not None)
+    log.warning("sweep %s: %d trials, %d failed", v["experiment"], len(grid), errors)
+    from tune.report import log_task_summary
+
+    for task in v["tasks"]:
+        pts = tracker.update_pareto_tags(task, v["experiment"])
+        log_task_summary(tracker, parents[task], task, pts, v["budgets"], args.budget_mode)
+        tracker.client.set_terminated(parents[task], status="FINISHED")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from finegates.config import ConfigError
+    from tasks import TaskError
+    from tune.select import UsageError as SelectUsageError
+    from tune.select import format_table, select_sweep
+    from tune.tracking import Tracker, TrackingError
+
+    try:
+        v = validate(args)
+    except (UsageError, SelectUsageError, TaskError, ConfigError, TrackingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    sweep(v, args)
+    tracker = Tracker(v["uri"], v["experiment"])
+    rows = select_sweep(tracker, v["tasks"], v["budgets"], v["out"] / "selection", args.budget_mode,
+                        args.select_by, sweep=v["experiment"])
+    print(format_table(rows))
+    print(f"\nsweep {v['experiment']} ({v['scale']} sizes) took {time.perf_counter() - t0:.0f} s; "
+          f"selection: {v['out'] / 'selection' / 'selection.json'}; MLflow: {v['uri']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

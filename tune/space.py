@@ -1,0 +1,66 @@
+"""Search spaces per method, as Optuna distributions, and each method's reference trial.
+
+FineGates searches lambda (log scale down to very small values), the learning rate of the head and
+LoRA (log scale) and the LoRA rank inside the gates (0 = gates only) jointly. Its reference trial is
+the dense one (lambda = 0). Ranges come from the measurements in docs/GATE_DEFAULTS.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    method: str
+    distributions: dict[str, BaseDistribution]
+    reference: dict[str, Any]  # the first trial of every study; may hold values outside the space
+    reference_name: str
+    fixed: dict[str, Any] = field(default_factory=dict)  # TrainConfig values for every trial of the method
+
+    def sample(self, trial: optuna.Trial) -> dict[str, Any]:
+        return {name: trial._suggest(name, dist) for name, dist in self.distributions.items()}
+
+    def in_space(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The reference params that lie inside the distributions (to tell Optuna about the reference)."""
+        inside = {}
+        for k, v in params.items():
+            dist = self.distributions.get(k)
+            try:
+                if dist is not None and dist._contains(dist.to_internal_repr(v)):
+                    inside[k] = v
+            except ValueError:  # e.g. lambda = 0 on a log scale
+                pass
+        return inside
+
+
+SPACES: dict[str, SearchSpace] = {
+    "finegates": SearchSpace(
+        "finegates",
+        {"lam": FloatDistribution(1e-4, 20.0, log=True), "lr": FloatDistribution(3e-4, 1e-2, log=True),
+         "rank": CategoricalDistribution([0, 4, 8])},
+        reference={"lam": 0.0, "lr": 2e-3, "rank": 0},
+        reference_name="dense reference (lambda = 0)",
+    ),
+    "lora": SearchSpace(
+        "lora",
+        {"lr": FloatDistribution(1e-4, 3e-3, log=True), "rank": CategoricalDistribution([4, 8, 16])},
+        reference={"lr": 1e-3, "rank": 8},
+        reference_name="LoRA r=8 on query/value, lr 1e-3",
+    ),
+    "full": SearchSpace(
+        "full",
+        {"lr": FloatDistribution(1e-5, 2e-4, log=True)},
+        reference={"lr": 5e-5},
+        reference_name="full finetuning, lr 5e-5",
+    ),
+}
+
+
+def get_space(method: str) -> SearchSpace:
+    if method not in SPACES:
+        raise ValueError(f"method {method!r} has no search space; accepted: {', '.join(SPACES)}")
+    return SPACES[method]

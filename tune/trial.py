@@ -1,0 +1,69 @@
+"""The trial: a thin adapter from a Ray Tune config to one ``finegates.train.run`` call.
+
+It opens (or, for a restarted trial, reopens) the trial's MLflow child run from the worker, reports
+every epoch to Tune with a checkpoint of the trainable tensors, exports the smaller model, logs it,
+and makes a final report with ``final=True`` that the searcher tells its Optuna study.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from finegates.config import TrainConfig
+from finegates.train import EpochReport, run
+
+log = logging.getLogger(__name__)
+
+SEARCHED = ("lam", "lr", "rank")
+
+
+def trial_config(config: dict[str, Any], fixed: dict[str, Any], output_dir: str) -> TrainConfig:
+    kw = dict(fixed["train"])
+    kw.update({k: config[k] for k in ("task", "method", *SEARCHED) if k in config})
+    if config["method"] != "finegates":
+        kw.pop("lam", None)
+    kw["output_dir"] = output_dir
+    return TrainConfig(**kw)
+
+
+def trial_fn(config: dict[str, Any], fixed: dict[str, Any]) -> None:
+    """Ray Tune function trainable. ``fixed``: sweep-wide settings (see tune.run.build_fixed)."""
+    from ray import tune
+    from safetensors.torch import save_file
+
+    from tune.tracking import Tracker
+
+    trial_id = tune.get_context().get_trial_id() or config.get("_trial_id", "local")
+    tracker = Tracker(fixed["mlflow_uri"], experiment_id=fixed["experiment_id"])
+    task, method = config["task"], config["method"]
+    out = Path(fixed["models_dir"]) / task / trial_id
+    params = {k: config.get(k) for k in ("task", "method", "reference", *SEARCHED)} | {
+        k: v for k, v in fixed["train"].items() if k not in ("data_dir",)}
+    run_id = tracker.trial_run(fixed["sweep"], fixed["parents"][task], trial_id, task, method, params)
+
+    def on_epoch(rep: EpochReport) -> None:
+        m = rep.metrics
+        tracker.log_epoch(run_id, m, step=int(m["epoch"]))
+        with tempfile.TemporaryDirectory() as d:
+            save_file(rep.trainable_state(), os.path.join(d, "trainable.safetensors"))
+            (Path(d) / "epoch.txt").write_text(str(m["epoch"]))
+            tune.report({**_numbers(m), "final": False, "task": task, "method": method},
+                        checkpoint=tune.Checkpoint.from_directory(d))
+
+    try:
+        cfg = trial_config(config, fixed, str(out))
+        result = run(cfg, on_epoch=on_epoch)
+        tracker.finish_trial(run_id, result, result.get("model_path"))
+    except BaseException as e:
+        tracker.fail_trial(run_id, e)
+        raise
+    final = {k: v for k, v in result.items() if k not in ("history", "config", "layers")}
+    tune.report({**_numbers(final), "final": True, "task": task, "method": method, "mlflow_run_id": run_id,
+                 "model_path": result.get("model_path") or "", "validation_source": result["validation_source"]})
+
+
+def _numbers(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
