@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--batch-size", type=int, default=16, help="default: 16")
     a("--max-length", type=int, default=None, help="max tokens per example (default: 128)")
     a("--gate-lr", type=float, default=None, help="gate learning rate (default: finegates' default)")
+    a("--search-space", default=None, help='JSON overrides of search ranges, e.g. \'{"lam": [0.01, 10], '
+      '"rank": {"choices": [0, 8]}}\' (log-uniform [low, high] or categorical choices)')
     a("--max-failures", type=int, default=1, help="retries of a trial whose worker died (default: 1)")
     a("--verbose", type=int, default=1, help="Ray Tune verbosity 0-3 (default: 1)")
     return p
@@ -147,11 +149,28 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
         TrainConfig(task=tasks[0], **train)  # validates the shared training settings
     except ConfigError as e:
         raise UsageError(str(e)) from None
+    space_spec: dict[str, Any] = {}
+    if args.search_space:
+        import json
+
+        try:
+            space_spec = json.loads(args.search_space)
+            assert isinstance(space_spec, dict)
+        except (ValueError, AssertionError):
+            raise UsageError(f"--search-space {args.search_space!r} is not a JSON object; accepted: "
+                             '\'{"lam": [0.01, 10], "rank": {"choices": [0, 8]}}\'') from None
+        from tune.space import get_space, override
+
+        for m in methods:
+            try:
+                override(get_space(m), space_spec)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
     experiment = args.experiment or ("finegates-smoke" if args.smoke_test else
                                      "finegates-" + ("glue" if args.tasks == "glue" else "-".join(tasks)))
     out = Path(args.out).resolve() if args.out else Path("runs", experiment).resolve()
     return dict(tasks=tasks, budgets=budgets, methods=methods, trials=trials, cpus=cpus, storage=storage, uri=uri,
-                train=train, experiment=experiment, out=out, scale=scale)
+                train=train, experiment=experiment, out=out, scale=scale, space=space_spec)
 
 
 class ParetoCallback:
@@ -186,7 +205,7 @@ def sweep(v: dict[str, Any], args: argparse.Namespace) -> None:
     from ray import tune
 
     from tune.searcher import MultiTaskOptunaSearch
-    from tune.space import get_space
+    from tune.space import get_space, override
     from tune.tracking import Tracker
     from tune.trial import trial_fn
 
@@ -207,7 +226,7 @@ def sweep(v: dict[str, Any], args: argparse.Namespace) -> None:
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                    restart_errored=False)
     else:
-        searcher = MultiTaskOptunaSearch(v["tasks"], [get_space(m) for m in v["methods"]], v["trials"], seed=args.seed)
+        searcher = MultiTaskOptunaSearch(v["tasks"], [override(get_space(m), v["space"]) for m in v["methods"]], v["trials"], seed=args.seed)
         n = v["trials"] * len(v["tasks"]) * len(v["methods"])
         tuner = tune.Tuner(
             trainable,

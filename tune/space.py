@@ -60,6 +60,27 @@ SPACES: dict[str, SearchSpace] = {
 }
 
 
+def override(space: SearchSpace, spec: dict[str, Any]) -> SearchSpace:
+    """Replace ranges: ``{"lr": [1e-4, 1e-3]}`` (log-uniform) or ``{"rank": {"choices": [0, 8]}}``.
+
+    Unknown names are ignored for this method (they may belong to another method's space).
+    """
+    dists = dict(space.distributions)
+    for name, value in spec.items():
+        if name not in dists:
+            continue
+        if isinstance(value, dict) and "choices" in value:
+            dists[name] = CategoricalDistribution(list(value["choices"]))
+        elif isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(x, (int, float)) for x in value):
+            lo, hi = float(value[0]), float(value[1])
+            if not 0 < lo <= hi:
+                raise ValueError(f"search space {name}={value!r} is invalid; accepted: [low, high] with 0 < low <= high")
+            dists[name] = FloatDistribution(lo, hi, log=True)
+        else:
+            raise ValueError(f"search space {name}={value!r} is invalid; accepted: [low, high] or {{\"choices\": [...]}}")
+    return SearchSpace(space.method, dists, space.reference, space.reference_name, space.fixed)
+
+
 def get_space(method: str) -> SearchSpace:
     if method not in SPACES:
         raise ValueError(f"method {method!r} has no search space; accepted: {', '.join(SPACES)}")

@@ -1,0 +1,55 @@
+"""Bad input to ``python -m tune.run``: one clear line, exit 2, nothing started, nothing written."""
+import pytest
+
+from tune.run import main
+
+CASES = [
+    (["--budget", "-0.1"], "--budget -0.1 is out of range; accepted: numbers in [0, 1]"),
+    (["--budget", "1.5"], "--budget 1.5 is out of range"),
+    (["--budget", "abc"], "--budget 'abc' is not a number"),
+    (["--budget", "0.01,abc"], "--budget 'abc' is not a number"),
+    (["--tasks", "sst2,nope"], "unknown task 'nope'; accepted: cola, sst2"),
+    (["--tasks", ","], "empty task list"),
+    (["--trials-per-task", "0"], "--trials-per-task 0 must be >= 1"),
+    (["--mlflow-uri", "http://127.0.0.1:9"], "MLflow tracking server 'http://127.0.0.1:9' is unreachable"),
+    (["--storage", "runs/ray"], "--storage 'runs/ray' must be an absolute path or a URI"),
+    (["--methods", "finegates,bogus"], "--methods 'bogus' is invalid; accepted: finegates, lora, full"),
+    (["--gpus-per-trial", "-1"], "--gpus-per-trial -1.0 must be >= 0"),
+    (["--max-train", "0"], "--max-train 0 must be > 0"),
+    (["--search-space", "{bad"], "--search-space '{bad' is not a JSON object"),
+    (["--search-space", '{"lr": [0, 1]}'], "search space lr=[0, 1] is invalid"),
+    (["--model", "/no/such/model"], "model path '/no/such/model' does not exist"),
+]
+
+
+@pytest.mark.parametrize("args,message", CASES)
+def test_bad_input(args, message, tmp_path, monkeypatch, capsys, glue_dir):
+    import ray
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    code = main(args + ["--data-dir", str(glue_dir)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and message in err[0], err
+    assert list(tmp_path.iterdir()) == []  # nothing written (no mlflow.db, no runs/)
+    assert not ray.is_initialized()  # nothing started
+
+
+def test_missing_data_dir(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--data-dir", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_documents_options_with_defaults(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for opt in ("--trials-per-task", "--max-concurrent", "--cpus-per-trial", "--gpus-per-trial", "--model",
+                "--methods", "--budget", "--mlflow-uri", "--experiment", "--storage", "--address", "--resume",
+                "--smoke-test", "--seed", "--data-dir", "--max-train", "--epochs"):
+        assert opt in text, opt
+    assert "default" in text

@@ -1,0 +1,116 @@
+"""End to end: a real smoke sweep (real Ray, real MLflow store, real MiniLM, real GLUE)."""
+import json
+import math
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from tests.tune.conftest import run_cli
+from tune.pareto import Point, select
+
+REQUIRED_PARAMS = {"task", "method", "lam", "lr", "rank", "reference", "max_train", "epochs"}
+REQUIRED_METRICS = {"score", "sparsity", "gate_sparsity", "params_total", "params_trainable", "latency_ms",
+                    "dense_latency_ms", "speedup"}
+
+
+@pytest.fixture(scope="module")
+def sweep(loopback_only, glue_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("sweep")
+    uri = f"sqlite:///{d / 'mlflow.db'}"
+    code, out, err = run_cli("tune.run", [
+        "--smoke-test", "--tasks", "sst2,rte", "--trials-per-task", "3", "--budget", "0.02,0.5",
+        "--mlflow-uri", uri, "--storage", str(d / "ray"), "--out", str(d / "out"), "--experiment", "e2e",
+        "--data-dir", str(glue_dir), "--verbose", "0",
+        # a larger lambda range than the default so that gates close even in a 1-epoch smoke trial
+        "--search-space", '{"lam": [5, 50]}', "--gate-lr", "0.2"], cwd=d)
+    assert code == 0, err[-4000:]
+    return d, uri, out
+
+
+def trial_runs(uri):
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name("e2e")
+    return c, exp, c.search_runs([exp.experiment_id], "tags.`finegates.role` = 'trial'")
+
+
+def test_one_finished_child_run_per_trial_with_params_and_metrics(sweep):
+    d, uri, out = sweep
+    c, exp, runs = trial_runs(uri)
+    assert len(runs) == 6  # 2 tasks x 3 trials
+    assert len({r.data.tags["ray_trial_id"] for r in runs}) == 6
+    assert {r.info.status for r in runs} <= {"FINISHED", "FAILED"}
+    for r in runs:
+        assert REQUIRED_PARAMS <= set(r.data.params), set(r.data.params)
+        if r.info.status == "FINISHED":
+            assert REQUIRED_METRICS <= set(r.data.metrics)
+            assert r.data.tags["mlflow.parentRunId"]
+            assert c.get_metric_history(r.info.run_id, "score")  # per-epoch + final
+    assert sum(r.data.params["reference"] == "True" for r in runs) == 2  # one dense reference per task
+    assert all(float(r.data.params["lam"]) == 0 for r in runs if r.data.params["reference"] == "True")
+
+
+def test_parent_runs_hold_plots_and_are_finished(sweep):
+    d, uri, _ = sweep
+    c, exp, _ = trial_runs(uri)
+    parents = c.search_runs([exp.experiment_id], "tags.`finegates.role` = 'parent'")
+    assert sorted(p.data.tags["task"] for p in parents) == ["rte", "sst2"]
+    for p in parents:
+        assert p.info.status == "FINISHED"
+        names = {a.path for a in c.list_artifacts(p.info.run_id)}
+        task = p.data.tags["task"]
+        assert {f"pareto_{task}.png", f"pareto_front_{task}.csv"} <= names
+
+
+def test_pareto_tags(sweep):
+    d, uri, _ = sweep
+    _, _, runs = trial_runs(uri)
+    for task in ("sst2", "rte"):
+        tagged = [r for r in runs if r.data.tags["task"] == task and r.info.status == "FINISHED"]
+        assert any(r.data.tags["pareto"] == "true" for r in tagged)
+        # the tag agrees with the definition: no pareto=true run is dominated by another run
+        for r in tagged:
+            if r.data.tags["pareto"] == "true":
+                s, sp = r.data.metrics["score"], r.data.metrics["sparsity"]
+                assert not any(o.data.metrics["score"] >= s and o.data.metrics["sparsity"] >= sp and
+                               (o.data.metrics["score"] > s or o.data.metrics["sparsity"] > sp) for o in tagged)
+
+
+def test_selection_obeys_the_budget_rule_and_models_load(sweep):
+    d, uri, out = sweep
+    _, _, runs = trial_runs(uri)
+    rows = json.loads((d / "out" / "selection" / "selection.json").read_text())
+    assert {(r["task"], r["budget"]) for r in rows} == {(t, b) for t in ("sst2", "rte") for b in (0.02, 0.5)}
+    for row in rows:
+        pts = [Point(r.info.run_id, r.data.metrics["score"], r.data.metrics["sparsity"], r.data.metrics["latency_ms"])
+               for r in runs if r.data.tags["task"] == row["task"] and r.info.status == "FINISHED"]
+        ref = max(p.score for p in pts)
+        assert row["reference_score"] == pytest.approx(ref)
+        assert row["score"] >= ref - row["budget"] * abs(ref) - 1e-9
+        assert row["chosen_run_id"] == select(pts, row["budget"]).chosen.id
+        assert (d / "out" / "selection" / row["task"] / f"budget-{row['budget']:g}" / "model.safetensors").is_file()
+    assert "task" in out and "sparsity" in out  # the summary table
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    for task in ("sst2", "rte"):
+        for alias in ("budget-0_02", "budget-0_5"):
+            v = client.get_model_version_by_alias(f"finegates-{task}", alias)
+            assert v.run_id
+        model = mlflow.pyfunc.load_model(f"models:/finegates-{task}@budget-0_02")
+        pred = model.predict(pd.DataFrame({"text": ["a moving, funny film", "a dull mess"],
+                                           "text_pair": ["it was good", "it was bad"]}))
+        assert len(pred) == 2 and set(pred["label"]) <= {"negative", "positive", "entailment", "not_entailment"}
+        assert all(0 <= s <= 1 and not math.isnan(s) for s in pred["score"])
+
+
+def test_rerunning_the_selector_changes_nothing(sweep):
+    d, uri, _ = sweep
+    before = json.loads((d / "out" / "selection" / "selection.json").read_text())
+    code, out, err = run_cli("tune.select", ["--experiment", "e2e", "--mlflow-uri", uri, "--budget", "0.02,0.5",
+                                             "--out", str(d / "out" / "selection")], cwd=d)
+    assert code == 0, err[-2000:]
+    after = json.loads((d / "out" / "selection" / "selection.json").read_text())
+    key = lambda rows: {(r["task"], r["budget"]): (r["chosen_run_id"], r["model_version"]) for r in rows}  # noqa: E731
+    assert key(before) == key(after)
+    assert "finegates-sst2" not in err  # no new model version was registered

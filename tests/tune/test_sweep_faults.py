@@ -1,0 +1,83 @@
+"""A failing (NaN) trial does not stop the sweep; an interrupted sweep resumes without duplicates."""
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+from mlflow import MlflowClient
+
+from tests.tune.conftest import REPO, run_cli
+
+
+def _runs(uri, experiment):
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return c.search_runs([exp.experiment_id], "tags.`finegates.role` = 'trial'")
+
+
+def _finished_count(db) -> int:
+    """Finished trial runs, read straight from SQLite (read-only: never races the sweep's schema setup)."""
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+            return con.execute("SELECT count(*) FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid WHERE "
+                               "t.key = 'finegates.role' AND t.value = 'trial' AND r.status = 'FINISHED'").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def test_a_nan_trial_is_recorded_as_failed_and_the_sweep_goes_on(loopback_only, glue_dir, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # searched trials get a learning rate of ~1e37: the loss becomes NaN at the second step
+    code, out, err = run_cli("tune.run", [
+        "--smoke-test", "--tasks", "rte", "--trials-per-task", "2", "--mlflow-uri", uri,
+        "--storage", str(tmp_path / "ray"), "--out", str(tmp_path / "out"), "--experiment", "nan",
+        "--data-dir", str(glue_dir), "--verbose", "0", "--search-space", '{"lr": [1e37, 1e38]}'], cwd=tmp_path)
+    assert code == 0, err[-3000:]
+    runs = _runs(uri, "nan")
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"]
+    failed = next(r for r in runs if r.info.status == "FAILED")
+    assert "TrainingDiverged" in failed.data.tags["error"]
+    # Ray recorded the trial as errored, and the selection was still written from the good one
+    assert "ERROR" in err or "error" in err.lower()
+    assert (tmp_path / "out" / "selection" / "selection.json").is_file()
+
+
+def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(loopback_only, glue_dir, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["--smoke-test", "--tasks", "rte", "--trials-per-task", "4", "--mlflow-uri", uri,
+            "--storage", str(tmp_path / "ray"), "--out", str(tmp_path / "out"), "--experiment", "resume",
+            "--data-dir", str(glue_dir), "--verbose", "0"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    p = subprocess.Popen([sys.executable, "-m", "tune.run", *args], cwd=tmp_path, env=env, start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            if _finished_count(tmp_path / "mlflow.db") >= 2:
+                break
+            assert p.poll() is None, p.stderr.read()[-3000:]
+            time.sleep(1)
+        os.killpg(p.pid, signal.SIGINT)  # Ctrl-C: Tune saves its state and stops
+        p.wait(timeout=120)
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    first = {r.data.tags["ray_trial_id"]: r.info.status for r in _runs(uri, "resume")}
+    finished_before = {t for t, s in first.items() if s == "FINISHED"}
+    assert 2 <= len(finished_before) < 4, first
+    code, out, err = run_cli("tune.run", args + ["--resume"], cwd=tmp_path)
+    assert code == 0, err[-3000:]
+    runs = _runs(uri, "resume")
+    ids = [r.data.tags["ray_trial_id"] for r in runs]
+    assert len(ids) == 4 and len(set(ids)) == 4, ids  # the full count, no duplicate run
+    assert all(r.info.status == "FINISHED" for r in runs)
+    # finished trials were not rerun: their runs were not reopened
+    assert all(r.data.tags.get("restarts") is None for r in runs if r.data.tags["ray_trial_id"] in finished_before)
+    # the study kept its history: 4 Ray trials in the experiment, reference + 3 searched
+    assert sum(r.data.params["reference"] == "True" for r in runs) == 1
