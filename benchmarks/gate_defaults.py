@@ -31,6 +31,9 @@ CONFIGS: dict[str, dict] = {
     "controller-40-independent": dict(penalty="controller", lam=1.0, target_sparsity=0.4, warmup_frac=0.5,
                                       layout="independent"),
     "lora-r8": dict(method="lora", rank=8, lr=1e-3),
+    "dense-ref-r8": dict(penalty="paper", lam=0.0, rank=8),
+    "paper-l3-r8": dict(penalty="paper", lam=3.0, rank=8),
+    "controller-40-r8": dict(penalty="controller", lam=1.0, target_sparsity=0.4, warmup_frac=0.5, rank=8),
 }
 
 

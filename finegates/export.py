@@ -70,8 +70,8 @@ def _head_of(model: nn.Module) -> tuple[str, torch.Tensor, torch.Tensor, torch.T
 
 
 def _folded(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(module, GatedLinear):
-        w, b = module.folded()
+    if isinstance(module, GatedLinear) or callable(getattr(module, "folded", None)):
+        w, b = module.folded()  # gates / deltas / scales folded into an equivalent plain linear
     elif isinstance(module, nn.Linear):
         w, b = module.weight.detach().float(), None if module.bias is None else module.bias.detach().float()
     else:

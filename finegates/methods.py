@@ -7,6 +7,7 @@ prune export at sparsity 0).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
@@ -27,8 +28,12 @@ class Method(ABC):
     prunes: bool = False
 
     @abstractmethod
-    def prepare(self, model: nn.Module, cfg: "TrainConfig", total_steps: int) -> nn.Module:
-        """Modify ``model`` for training; return the module to train (may be a wrapper)."""
+    def prepare(self, model: nn.Module, cfg: "TrainConfig", total_steps: int,
+                calibration: list[dict] | None = None) -> nn.Module:
+        """Modify ``model`` for training; return the module to train (may be a wrapper).
+
+        ``calibration``: a few tokenised train batches, for methods that look at activations (GIFT-SW).
+        """
 
     @abstractmethod
     def param_groups(self, model: nn.Module, cfg: "TrainConfig") -> list[dict]:
@@ -53,13 +58,15 @@ class FineGates(Method):
 
     name = "finegates"
     prunes = True
+    uses_gates = True
 
     def __init__(self) -> None:
         self.controller: gm.SparsityController | None = None
         self.dual_opt: torch.optim.Optimizer | None = None
         self.cfg: TrainConfig | None = None
 
-    def prepare(self, model: nn.Module, cfg: "TrainConfig", total_steps: int) -> nn.Module:
+    def prepare(self, model: nn.Module, cfg: "TrainConfig", total_steps: int,
+                calibration: list[dict] | None = None) -> nn.Module:
         self.cfg = cfg
         gm.apply_gates(model, layout=cfg.layout, rank=cfg.rank, lora_alpha=cfg.lora_alpha, train_bias=cfg.train_bias)
         if cfg.penalty == "controller" and cfg.lam > 0:
@@ -110,7 +117,8 @@ class Full(Method):
 
     name = "full"
 
-    def prepare(self, model: nn.Module, cfg: "TrainConfig", total_steps: int) -> nn.Module:
+    def prepare(self, model: nn.Module, cfg: "TrainConfig", total_steps: int,
+                calibration: list[dict] | None = None) -> nn.Module:
         for p in model.parameters():
             p.requires_grad_(True)
         return model
@@ -125,7 +133,8 @@ class Lora(Method):
 
     name = "lora"
 
-    def prepare(self, model: nn.Module, cfg: "TrainConfig", total_steps: int) -> nn.Module:
+    def prepare(self, model: nn.Module, cfg: "TrainConfig", total_steps: int,
+                calibration: list[dict] | None = None) -> nn.Module:
         from peft import LoraConfig, TaskType, get_peft_model
 
         r = cfg.rank or 8
@@ -144,7 +153,88 @@ class Lora(Method):
         return model.merge_and_unload()
 
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (FineGates, Lora, Full)}
+class FineGatesLora(FineGates):
+    """FineGates with LoRA inside the gates: ``Diag(z_r)(W + B A)Diag(z_c)`` (rank 8 unless given)."""
+
+    name = "finegates-lora"
+
+    def prepare(self, model: nn.Module, cfg: "TrainConfig", total_steps: int,
+                calibration: list[dict] | None = None) -> nn.Module:
+        if cfg.rank == 0:
+            cfg = dataclasses.replace(cfg, rank=8)
+        return super().prepare(model, cfg, total_steps, calibration)
+
+
+class _FrozenBaseline(Method):
+    """Shared by the baselines: head + the method's own parameters train, one learning rate."""
+
+    def param_groups(self, model: nn.Module, cfg: "TrainConfig") -> list[dict]:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr,
+                 "weight_decay": cfg.weight_decay}]
+
+
+class GiftSW(_FrozenBaseline):
+    """GIFT-SW: salient columns train, the rest frozen with quantisation-scaled noise (training only).
+
+    Options (``cfg.extra``): ``k`` salient columns per linear (default 16: the paper's 128 is for
+    4096-wide LLMs; MiniLM is 384 wide), ``bits`` = 4, ``targets`` (default all six linears).
+    """
+
+    name = "gift-sw"
+
+    def prepare(self, model, cfg, total_steps, calibration=None):
+        from finegates.baselines import ALL_SLOTS, GiftLinear, _freeze_all_but_head, _replace, activation_norms
+
+        if not calibration:
+            raise ValueError("gift-sw needs calibration batches from the task's train data")
+        k = int(cfg.extra.get("k", 16))
+        bits = int(cfg.extra.get("bits", 4))
+        slots = tuple(cfg.extra.get("targets", ALL_SLOTS))
+        _freeze_all_but_head(model)
+        norms = activation_norms(model, calibration, slots)
+
+        def make(lin, i, slot):
+            sal = torch.topk(norms[(i, slot)], min(k, lin.in_features)).indices.sort().values
+            return GiftLinear(lin, sal.to(lin.weight.device), bits).to(lin.weight.device)
+
+        _replace(model, slots, make)
+        return model
+
+
+class Sparta(_FrozenBaseline):
+    """SpaRTA: trainable sparse deltas at random positions of W_v and W_o (``density``, default 1%)."""
+
+    name = "sparta"
+
+    def prepare(self, model, cfg, total_steps, calibration=None):
+        from finegates.baselines import SpartaLinear, _freeze_all_but_head, _replace
+
+        density = float(cfg.extra.get("density", 0.01))
+        if not 0 < density <= 1:
+            raise ValueError(f"sparta density={density!r} is invalid; accepted: a number in (0, 1]")
+        slots = tuple(cfg.extra.get("targets", ("v", "o")))
+        _freeze_all_but_head(model)
+        g = torch.Generator().manual_seed(cfg.seed)
+        _replace(model, slots, lambda lin, i, s: SpartaLinear(lin, density, g).to(lin.weight.device))
+        return model
+
+
+class Propulsion(_FrozenBaseline):
+    """Propulsion: outputs of the frozen Q, K, V, O, up, down scaled by ``z ** degree`` (default 15)."""
+
+    name = "propulsion"
+
+    def prepare(self, model, cfg, total_steps, calibration=None):
+        from finegates.baselines import ALL_SLOTS, PropulsionLinear, _freeze_all_but_head, _replace
+
+        degree = int(cfg.extra.get("degree", 15))
+        _freeze_all_but_head(model)
+        _replace(model, tuple(cfg.extra.get("targets", ALL_SLOTS)), lambda lin, i, s: PropulsionLinear(lin, degree))
+        return model
+
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (FineGates, FineGatesLora, Lora, GiftSW, Sparta, Propulsion,
+                                                         Full)}
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
 
 

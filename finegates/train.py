@@ -155,7 +155,9 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool 
     if precision == "auto":
         precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "no"
     acc = Accelerator(cpu=not cuda, mixed_precision=precision)
-    model = method.prepare(model, cfg, total_steps)
+    calibration = [collate(data.train[i:i + cfg.batch_size]) for i in range(0, min(len(data.train), 4 * cfg.batch_size),
+                                                                            cfg.batch_size)]
+    model = method.prepare(model, cfg, total_steps, calibration)
     _, params_trainable = count_parameters(model)
     opt = torch.optim.AdamW(method.param_groups(model, cfg))
     model, opt, train_loader = acc.prepare(model, opt, train_loader)

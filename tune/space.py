@@ -45,6 +45,31 @@ SPACES: dict[str, SearchSpace] = {
         reference={"lam": 0.0, "lr": 2e-3, "rank": 0},
         reference_name="dense reference (lambda = 0)",
     ),
+    "finegates-lora": SearchSpace(
+        "finegates-lora",
+        {"lam": FloatDistribution(1e-4, 20.0, log=True), "lr": FloatDistribution(3e-4, 1e-2, log=True),
+         "rank": CategoricalDistribution([4, 8, 16])},
+        reference={"lam": 0.0, "lr": 2e-3, "rank": 8},
+        reference_name="dense reference with LoRA r=8 inside the gates (lambda = 0)",
+    ),
+    "gift-sw": SearchSpace(
+        "gift-sw",
+        {"lr": FloatDistribution(1e-4, 3e-3, log=True), "k": CategoricalDistribution([8, 16, 32])},
+        reference={"lr": 1e-3, "k": 16},
+        reference_name="GIFT-SW, 16 salient columns per linear, lr 1e-3",
+    ),
+    "sparta": SearchSpace(
+        "sparta",
+        {"lr": FloatDistribution(1e-4, 1e-2, log=True), "density": FloatDistribution(0.002, 0.01, log=True)},
+        reference={"lr": 2e-3, "density": 0.01},
+        reference_name="SpaRTA, 1% of W_v and W_o, lr 2e-3",
+    ),
+    "propulsion": SearchSpace(
+        "propulsion",
+        {"lr": FloatDistribution(1e-4, 1e-2, log=True), "degree": CategoricalDistribution([5, 15, 35])},
+        reference={"lr": 2e-3, "degree": 15},
+        reference_name="Propulsion, degree 15, lr 2e-3",
+    ),
     "lora": SearchSpace(
         "lora",
         {"lr": FloatDistribution(1e-4, 3e-3, log=True), "rank": CategoricalDistribution([4, 8, 16])},

@@ -6,6 +6,7 @@ and makes a final report with ``final=True`` that the searcher tells its Optuna 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -17,16 +18,23 @@ from finegates.train import EpochReport, run
 
 log = logging.getLogger(__name__)
 
-SEARCHED = ("lam", "lr", "rank")
 
 
 def trial_config(config: dict[str, Any], fixed: dict[str, Any], output_dir: str) -> TrainConfig:
+    """TrainConfig of a trial: the sweep's fixed settings + the searched ones (method options that are
+    not TrainConfig fields, like GIFT-SW's ``k``, go to ``extra``)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
     kw = dict(fixed["train"])
-    kw.update({k: config[k] for k in ("task", "method", *SEARCHED) if k in config})
-    if config["method"] != "finegates":
-        kw.pop("lam", None)
+    extra = dict(kw.pop("extra", {}) or {})
+    for k, v in config.items():
+        if k in ("reference",) or k.startswith("_"):
+            continue
+        if k in names:
+            kw[k] = v
+        else:
+            extra[k] = v
     kw["output_dir"] = output_dir
-    return TrainConfig(**kw)
+    return TrainConfig(**kw, extra=extra)
 
 
 def trial_fn(config: dict[str, Any], fixed: dict[str, Any]) -> None:
@@ -40,7 +48,7 @@ def trial_fn(config: dict[str, Any], fixed: dict[str, Any]) -> None:
     tracker = Tracker(fixed["mlflow_uri"], experiment_id=fixed["experiment_id"])
     task, method = config["task"], config["method"]
     out = Path(fixed["models_dir"]) / task / trial_id
-    params = {k: config.get(k) for k in ("task", "method", "reference", *SEARCHED)} | {
+    params = {k: v for k, v in config.items() if not k.startswith("_")} | {"lam": config.get("lam", 0.0)} | {
         k: v for k, v in fixed["train"].items() if k not in ("data_dir",)}
     run_id = tracker.trial_run(fixed["sweep"], fixed["parents"][task], trial_id, task, method, params)
 

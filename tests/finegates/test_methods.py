@@ -1,0 +1,128 @@
+"""Every method behind the same interface: parameter counts, init equivalence, learning, exact export."""
+import copy
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from finegates import TrainConfig, build_compressed, count_parameters, get_method
+from finegates.methods import METHOD_NAMES
+
+H, I, L, V = 16, 32, 2, 60  # hidden, FFN, layers, vocab of the tiny model
+HEAD = (H * H + H) + (2 * H + 2)  # pooler + classifier
+
+
+def tiny():
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=2, intermediate_size=I,
+                     num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def batch(n=4, length=9):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, V, (n, length), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1] * (n // 2))}
+
+
+def expected_trainable(name: str) -> int:
+    lin = {"q": (H, H), "k": (H, H), "v": (H, H), "o": (H, H), "up": (H, I), "down": (I, H)}  # (in, out)
+    bias_out = sum(o for _, o in lin.values())
+    if name == "finegates":  # coupled: row gates of q, k, v, up; + the six biases
+        return L * (3 * H + I + bias_out) + HEAD
+    if name == "finegates-lora":  # + LoRA r=8 on all six: r * (in + out)
+        return L * (3 * H + I + bias_out + sum(8 * (i + o) for i, o in lin.values())) + HEAD
+    if name == "lora":  # peft r=8 on query and value
+        return L * 2 * 8 * (H + H) + HEAD
+    if name == "gift-sw":  # k = 4 salient columns of every linear: out * k
+        return L * sum(o * 4 for _, o in lin.values()) + HEAD
+    if name == "sparta":  # density 0.25 of W_v and W_o
+        return L * 2 * round(0.25 * H * H) + HEAD
+    if name == "propulsion":  # one z per output of each linear
+        return L * bias_out + HEAD
+    if name == "full":
+        return sum(p.numel() for p in tiny().parameters())
+    raise AssertionError(name)
+
+
+EXTRA = {"gift-sw": {"k": 4}, "sparta": {"density": 0.25}}
+
+
+def prepared(name: str, model=None):
+    model = model if model is not None else tiny()
+    cfg = TrainConfig(method=name, extra=EXTRA.get(name, {}), lr=1e-3)
+    method = get_method(name)
+    calib = [{k: v for k, v in batch().items()}]
+    return method.prepare(model, cfg, 10, calib), method, cfg
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_trainable_count_from_formula(name):
+    model, _, _ = prepared(name)
+    assert count_parameters(model)[1] == expected_trainable(name)
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_at_init_the_model_computes_the_base_logits(name):
+    base = tiny()
+    x = {k: v for k, v in batch().items() if k != "labels"}
+    ref = base(**x).logits
+    model, _, _ = prepared(name, copy.deepcopy(base))
+    model.eval()
+    assert torch.allclose(model(**x).logits, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_training_lowers_the_loss_and_export_reproduces_eval_logits(name, glue_dir, tokenizer, minilm_dir):
+    from torch.utils.data import DataLoader
+
+    from finegates.train import _collator, load_base
+    from tasks import get_task, load_task_data
+
+    torch.manual_seed(0)
+    task = get_task("sst2")
+    data = load_task_data(task, tokenizer, data_dir=glue_dir, max_train=16, max_eval=8, seed=0, max_length=48)
+    b = next(iter(DataLoader(data.train, batch_size=16, collate_fn=_collator(tokenizer))))
+    _, model = load_base(minilm_dir, 2, task.label_names)
+    method = get_method(name)
+    cfg = TrainConfig(method=name, lr=1e-4 if name == "full" else 3e-3, lam=0.0, extra=EXTRA.get(name, {}))
+    model = method.prepare(model, cfg, 10, [b])
+    opt = torch.optim.AdamW(method.param_groups(model, cfg))
+    model.train()
+    losses = []
+    for step in range(6):
+        loss = model(**b).loss
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        method.after_step()
+    model.eval()
+    with torch.no_grad():
+        eval_loss = model(**b).loss.item()
+    assert eval_loss < losses[0], (losses, eval_loss)
+    x = {k: v for k, v in b.items() if k != "labels"}
+    trained = method.exportable(model).eval()
+    with torch.no_grad():
+        ref = trained(**x).logits
+        small, stats = build_compressed(trained)
+        assert (small(**x).logits - ref).abs().max().item() <= 1e-4
+    if not method.prunes:
+        assert stats.sparsity == 0.0
+
+
+def test_gift_sw_noise_only_in_training_and_only_on_frozen_columns():
+    from finegates.baselines import GiftLinear, quant_clip_scale
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 4)
+    g = GiftLinear(lin, torch.tensor([1, 5]))
+    g.eval()
+    assert torch.equal(g._weight(), lin.weight)
+    g.train()
+    w = g._weight()
+    assert torch.equal(w[:, [1, 5]], lin.weight[:, [1, 5]])
+    assert not torch.equal(w[:, 0], lin.weight[:, 0])
+    # alpha minimises the 4-bit error among p * max|w|, p = 1.00 ... 0.01
+    alpha = quant_clip_scale(lin.weight.detach())
+    assert torch.all(alpha <= lin.weight.abs().amax(1) + 1e-7) and torch.all(alpha > 0)
