@@ -64,7 +64,7 @@ def main() -> None:
             if a.jsonl:
                 with open(a.jsonl, "a") as f:
                     f.write(json.dumps(row) + "\n")
-    print(f"| config | seed | score | sparsity | gate sparsity | first epoch with a closed gate | speedup | trainable | wall s |")
+    print("| config | seed | score | sparsity | gate sparsity | first epoch with a closed gate | speedup | trainable | wall s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['config']} | {r['seed']} | {r['score']:.3f} | {r['sparsity']:.3f} | {r['gate_sparsity']:.3f} | "

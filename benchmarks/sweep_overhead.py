@@ -36,7 +36,7 @@ def main() -> None:
             trial_total += final[-1]["time_total_s"]
             train += final[-1].get("train_time_s", 0.0)
             n += 1
-    print(f"| trials | sweep wall s | sum of trial time s | overhead vs trial time | sum of train loop s |")
+    print("| trials | sweep wall s | sum of trial time s | overhead vs trial time | sum of train loop s |")
     print("|---:|---:|---:|---:|---:|")
     print(f"| {n} | {wall:.0f} | {trial_total:.0f} | {wall / trial_total - 1:.1%} | {train:.0f} |")
     print("\nsweep output:\n" + r.stdout[-1500:])

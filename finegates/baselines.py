@@ -16,16 +16,13 @@ of them prunes (sparsity 0) and all are timed alike. Facts from ../shared/METHOD
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Iterable
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from finegates.gated_model import _layer_modules, base_encoder, trainable_head_parameters
-
-if TYPE_CHECKING:
-    from finegates.config import TrainConfig
 
 log = logging.getLogger(__name__)
 ALL_SLOTS = ("q", "k", "v", "o", "up", "down")

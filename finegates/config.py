@@ -22,7 +22,7 @@ class TrainConfig:
     model: str | None = None  # None: the embedded all-MiniLM-L6-v2
     method: str = "finegates"
     # FineGates
-    lam: float = 1.0  # sparsity weight lambda (0 = dense reference: gates trained, no penalty)
+    lam: float = 3.0  # sparsity weight lambda (0 = dense reference: gates trained, no penalty)
     penalty: str = "paper"  # paper | code | controller
     target_sparsity: float = 0.4  # for penalty=code/controller
     layout: str = "coupled"  # coupled | independent

@@ -29,7 +29,7 @@ from torch import nn
 from finegates.config import ConfigError, TrainConfig
 from finegates.export import build_compressed, save_compressed
 from finegates.gated_model import count_parameters
-from finegates.latency import make_inputs, time_models, torch_threads
+from finegates.latency import make_inputs, time_models
 from finegates.methods import METHOD_NAMES, get_method
 
 log = logging.getLogger(__name__)

@@ -25,9 +25,12 @@ def plot_task(task: str, points: list[Point], budgets: list[float], mode: str, p
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, xkey, xlabel in ((axes[0], "sparsity", "sparsity (fraction of gated weights removed)"),
                              (axes[1], "speedup", "CPU speedup (dense / exported latency)")):
-        xs = [p.sparsity if xkey == "sparsity" else p.info.get("speedup", math.nan) for p in points]
-        colors = ["tab:red" if p.id in front_ids else "tab:gray" for p in points]
-        ax.scatter(xs, [p.score for p in points], c=colors, s=28, zorder=3)
+        methods = sorted({_method(p) for p in points})
+        for m, marker in zip(methods, "osD^vP*X"):
+            sel = [p for p in points if _method(p) == m]
+            xs = [p.sparsity if xkey == "sparsity" else p.info.get("speedup", math.nan) for p in sel]
+            colors = ["tab:red" if p.id in front_ids else "tab:gray" for p in sel]
+            ax.scatter(xs, [p.score for p in sel], c=colors, marker=marker, s=30, zorder=3, label=m)
         if xkey == "sparsity" and front:
             ax.plot([p.sparsity for p in front], [p.score for p in front], "-", color="tab:red", lw=1, zorder=2,
                     label="Pareto front")
@@ -46,11 +49,25 @@ def plot_task(task: str, points: list[Point], budgets: list[float], mode: str, p
     return path
 
 
+def _method(p: Point) -> str:
+    run = p.info.get("run")
+    return run.data.tags.get("method", "?") if run is not None else "?"
+
+
+def points_table(points: list[Point], front_only: bool = False) -> str:
+    """CSV of the trials (or of the front only): what the plot shows."""
+    return front_table(points) if front_only else _table(points)
+
+
 def front_table(points: list[Point]) -> str:
+    return _table(pareto_front(points))
+
+
+def _table(points: list[Point]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["run_id", "method", "score", "sparsity", "speedup", "latency_ms", "lam", "lr", "rank"])
-    for p in pareto_front(points):
+    for p in points:
         run = p.info.get("run")
         params = run.data.params if run is not None else {}
         tags = run.data.tags if run is not None else {}
@@ -68,4 +85,5 @@ def log_task_summary(tracker, parent_id: str, task: str, points: list[Point], bu
     with tempfile.TemporaryDirectory() as d:
         plot_task(task, points, budgets, mode, Path(d) / f"pareto_{task}.png")
         (Path(d) / f"pareto_front_{task}.csv").write_text(front_table(points))
+        (Path(d) / f"trials_{task}.csv").write_text(points_table(points))
         tracker.client.log_artifacts(parent_id, d)

@@ -146,8 +146,11 @@ class Tracker:
     def finish_trial(self, run_id: str, result: dict[str, Any], model_dir: str | None) -> None:
         from mlflow.entities import Metric, RunTag
 
-        now = int(time.time() * 1000)
-        ms = [Metric(k, float(v), now, 0) for k, v in result.items()
+        now = int(time.time() * 1000) + 1
+        # step = the last epoch: the exported model's final values supersede that epoch's (same step,
+        # later timestamp), so MLflow's "latest" score is the exported model's
+        step = int(result.get("epochs_completed", 0))
+        ms = [Metric(k, float(v), now, step) for k, v in result.items()
               if (k in FINAL_METRICS or k.startswith("eval_")) and _is_number(v)]
         tags = [RunTag("validation_source", str(result.get("validation_source", ""))),
                 RunTag("model_path", str(model_dir or ""))]

@@ -69,7 +69,10 @@ def trial_fn(config: dict[str, Any], fixed: dict[str, Any]) -> None:
         tracker.fail_trial(run_id, e)
         raise
     final = {k: v for k, v in result.items() if k not in ("history", "config", "layers")}
+    import ray
+
     tune.report({**_numbers(final), "final": True, "task": task, "method": method, "mlflow_run_id": run_id,
+                 "node_id": ray.get_runtime_context().get_node_id(), "device": result["device"],
                  "model_path": result.get("model_path") or "", "validation_source": result["validation_source"]})
 
 

@@ -21,6 +21,20 @@ def loopback_only():
         pytest.skip(msg)
 
 
+def spawn_cli(module: str, args: list[str], cwd: Path) -> subprocess.Popen:
+    """Start ``python -m module args`` in its own process group, stderr piped (for a sweep to interrupt)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def kill_group(p: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.killpg(p.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
 def run_cli(module: str, args: list[str], cwd: Path, timeout: float = 900, env: dict | None = None):
     """Run ``python -m module args`` in its own process group; kill the whole group on timeout."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", **(env or {})}

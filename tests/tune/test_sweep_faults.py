@@ -1,14 +1,11 @@
 """A failing (NaN) trial does not stop the sweep; an interrupted sweep resumes without duplicates."""
-import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 
 from mlflow import MlflowClient
 
-from tests.tune.conftest import REPO, run_cli
+from tests.tune.conftest import kill_group, run_cli, spawn_cli
 
 
 def _runs(uri, experiment):
@@ -30,17 +27,26 @@ def _finished_count(db) -> int:
 
 
 def test_a_nan_trial_is_recorded_as_failed_and_the_sweep_goes_on(loopback_only, glue_dir, tmp_path):
+    """Also: two methods in one sweep share the experiment, the task's parent run and its plot."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # searched trials get a learning rate of ~1e37: the loss becomes NaN at the second step
     code, out, err = run_cli("tune.run", [
-        "--smoke-test", "--tasks", "rte", "--trials-per-task", "2", "--mlflow-uri", uri,
+        "--smoke-test", "--tasks", "rte", "--methods", "finegates,propulsion", "--trials-per-task", "2",
+        "--mlflow-uri", uri,
         "--storage", str(tmp_path / "ray"), "--out", str(tmp_path / "out"), "--experiment", "nan",
         "--data-dir", str(glue_dir), "--verbose", "0", "--search-space", '{"lr": [1e37, 1e38]}'], cwd=tmp_path)
     assert code == 0, err[-3000:]
     runs = _runs(uri, "nan")
-    assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"]
-    failed = next(r for r in runs if r.info.status == "FAILED")
-    assert "TrainingDiverged" in failed.data.tags["error"]
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
+    failed = [r for r in runs if r.info.status == "FAILED"]
+    assert all("TrainingDiverged" in r.data.tags["error"] for r in failed)
+    assert {r.data.tags["method"] for r in runs} == {"finegates", "propulsion"}
+    assert len({r.data.tags["mlflow.parentRunId"] for r in runs}) == 1
+    c = MlflowClient(uri)
+    parent = runs[0].data.tags["mlflow.parentRunId"]
+    plotted = c.download_artifacts(parent, "trials_rte.csv", str(tmp_path))
+    text = open(plotted).read()
+    assert "finegates" in text and "propulsion" in text
     # Ray recorded the trial as errored, and the selection was still written from the good one
     assert "ERROR" in err or "error" in err.lower()
     assert (tmp_path / "out" / "selection" / "selection.json").is_file()
@@ -51,9 +57,7 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(loopback_onl
     args = ["--smoke-test", "--tasks", "rte", "--trials-per-task", "4", "--mlflow-uri", uri,
             "--storage", str(tmp_path / "ray"), "--out", str(tmp_path / "out"), "--experiment", "resume",
             "--data-dir", str(glue_dir), "--verbose", "0"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    p = subprocess.Popen([sys.executable, "-m", "tune.run", *args], cwd=tmp_path, env=env, start_new_session=True,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    p = spawn_cli("tune.run", args, tmp_path)
     try:
         deadline = time.time() + 600
         while time.time() < deadline:
@@ -61,13 +65,10 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(loopback_onl
                 break
             assert p.poll() is None, p.stderr.read()[-3000:]
             time.sleep(1)
-        os.killpg(p.pid, signal.SIGINT)  # Ctrl-C: Tune saves its state and stops
+        kill_group(p, signal.SIGINT)  # Ctrl-C: Tune saves its state and stops
         p.wait(timeout=120)
     finally:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_group(p)
     first = {r.data.tags["ray_trial_id"]: r.info.status for r in _runs(uri, "resume")}
     finished_before = {t for t, s in first.items() if s == "FINISHED"}
     assert 2 <= len(finished_before) < 4, first
