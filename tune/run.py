@@ -239,7 +239,11 @@ def sweep(v: dict[str, Any], args: argparse.Namespace) -> None:
         )
     grid = tuner.fit()
     errors = sum(1 for r in grid if r.error is not None)
-    log.warning("sweep %s: %d trials, %d failed", v["experiment"], len(grid), errors)
+    trial_ids = {r.metrics.get("trial_id") for r in grid if r.metrics}
+    trial_ids |= {t.trial_id for t in getattr(getattr(grid, "_experiment_analysis", None), "trials", [])}
+    closed = tracker.reconcile(v["experiment"], trial_ids)
+    log.warning("sweep %s: %d trials, %d failed; %d stale MLflow runs closed", v["experiment"], len(grid), errors,
+                closed)
     from tune.report import log_task_summary
 
     for task in v["tasks"]:

@@ -122,11 +122,12 @@ class Tracker:
         if runs:
             run_id = runs[0].info.run_id
             with_retry(lambda: self.client.update_run(run_id, status="RUNNING"), "reopen run")
+            with_retry(lambda: self.client.set_tag(run_id, "node_id", _node_id()), "tag")
             with_retry(lambda: self.client.set_tag(run_id, "restarts", str(int(runs[0].data.tags.get("restarts", "0")) + 1)),
                        "tag")
             return run_id
         tags = {"mlflow.parentRunId": parent_id, TAG_ROLE: "trial", TAG_TASK: task, TAG_METHOD: method,
-                TAG_TRIAL: trial_id, TAG_SWEEP: sweep, TAG_PARETO: "false"}
+                TAG_TRIAL: trial_id, TAG_SWEEP: sweep, TAG_PARETO: "false", "node_id": _node_id()}
         run = with_retry(lambda: self.client.create_run(self.experiment_id, run_name=f"{task}-{method}-{trial_id}",
                                                         tags=tags), "create trial run")
         flat = {k: ("none" if v is None else str(v))[:500] for k, v in params.items()}
@@ -183,6 +184,21 @@ class Tracker:
         self.client.set_tag(run_id, "model_uri", info.model_uri)
         return info.model_uri
 
+    def reconcile(self, sweep: str, trial_ids: set[str]) -> int:
+        """After a sweep: close trial runs that no Ray trial owns any more (their trial was lost with a
+        killed driver before Ray saved its state, and was rerun under another id) or that a dead
+        worker left RUNNING. Returns how many runs were closed as FAILED."""
+        closed = 0
+        for r in self.find_runs(f"tags.`{TAG_ROLE}` = 'trial'", f"tags.`{TAG_SWEEP}` = '{sweep}'"):
+            if r.info.status in ("RUNNING", "SCHEDULED"):
+                if r.data.tags.get(TAG_TRIAL) not in trial_ids:
+                    self.client.set_tag(r.info.run_id, "orphaned", "its Ray trial was lost with the driver; "
+                                        "the search went on under another trial id")
+                self.client.set_tag(r.info.run_id, "error", "run left RUNNING when its trial ended")
+                self.client.set_terminated(r.info.run_id, status="FAILED")
+                closed += 1
+        return closed
+
     # ---- Pareto
     def trial_points(self, task: str, sweep: str | None = None) -> list[Point]:
         filters = [f"tags.`{TAG_ROLE}` = 'trial'", f"tags.`{TAG_TASK}` = '{task}'"]
@@ -204,6 +220,15 @@ class Tracker:
             if p.info["run"].data.tags.get(TAG_PARETO) != want:
                 with_retry(lambda: self.client.set_tag(p.id, TAG_PARETO, want), "pareto tag")
         return pts
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # noqa: BLE001
+        return ""
 
 
 def _is_number(v: Any) -> bool:
