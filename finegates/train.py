@@ -232,6 +232,7 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool 
         "layers": compressed.config.layers, "history": history, "config": cfg.to_dict(),
     }
     result.update({k: v for k, v in history[-1].items() if k in ("gate_sparsity", "expected_sparsity")})
+    result.setdefault("gate_sparsity", 0.0)  # methods without gates
     if cfg.output_dir:
         out = Path(cfg.output_dir).resolve()
         save_compressed(compressed, out / "model", tokenizer, extra={k: result[k] for k in

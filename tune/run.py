@@ -173,37 +173,11 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
                 train=train, experiment=experiment, out=out, scale=scale, space=space_spec)
 
 
-class ParetoCallback:
-    """Tune callback: re-tag the task's Pareto front in MLflow whenever one of its trials ends."""
-
-    def __new__(cls, *a, **k):  # subclass lazily so that importing this module does not import Ray
-        from ray.tune import Callback
-
-        class _Pareto(Callback):
-            def __init__(self, uri: str, experiment_id: str, sweep: str) -> None:
-                self.uri, self.experiment_id, self.sweep = uri, experiment_id, sweep
-
-            def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-                self._retag(trial)
-
-            def on_trial_error(self, iteration, trials, trial, **info) -> None:
-                self._retag(trial)
-
-            def _retag(self, trial) -> None:
-                from tune.tracking import Tracker
-
-                try:
-                    Tracker(self.uri, experiment_id=self.experiment_id).update_pareto_tags(trial.config["task"], self.sweep)
-                except Exception as e:  # noqa: BLE001 - tagging must never stop the sweep
-                    log.warning("could not update Pareto tags: %s", e)
-
-        return _Pareto(*a, **k)
-
-
 def sweep(v: dict[str, Any], args: argparse.Namespace) -> None:
     import ray
     from ray import tune
 
+    from tune.callbacks import ParetoCallback
     from tune.searcher import MultiTaskOptunaSearch
     from tune.space import get_space, override
     from tune.tracking import Tracker
