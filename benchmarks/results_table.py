@@ -1,0 +1,123 @@
+"""The comparison table of docs/RESULTS.md: every method on the GLUE tasks that have train and
+validation data here, the embedded MiniLM, data-limited, several seeds.
+
+    python benchmarks/results_table.py --jsonl runs/results.jsonl            # resumable: done runs are skipped
+    python benchmarks/results_table.py --jsonl runs/results.jsonl --table-only
+
+Each baseline runs once per task and seed with its reference configuration (tune/space.py). FineGates
+runs once per lambda in ``--lambdas`` (lambda 0 = its dense point); its rows are then chosen per task
+and seed by the sweep's selector (tune.pareto.select) at each budget, plus its best dense point.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from tune.pareto import Point, select
+
+TASKS = "cola,sst2,mrpc,stsb,mnli,qnli,rte,wnli"  # QQP has no validation split here
+BASELINES = "lora,gift-sw,sparta,propulsion,full"
+
+
+def run_all(a: argparse.Namespace, out: Path) -> None:
+    from finegates.config import TrainConfig
+    from finegates.train import run
+    from tune.space import get_space
+
+    done = {(r["task"], r["method"], r["seed"], r.get("lam")) for r in load(out)}
+    jobs = []
+    for task in a.tasks.split(","):
+        for seed in [int(s) for s in a.seeds.split(",")]:
+            for lam in [float(x) for x in a.lambdas.split(",")]:
+                jobs.append((task, "finegates", seed, lam, {"lam": lam}))
+            for m in a.methods.split(","):
+                ref = dict(get_space(m).reference)
+                jobs.append((task, m, seed, None, ref))
+    for task, method, seed, lam, params in jobs:
+        if (task, method, seed, lam) in done:
+            continue
+        known = {"lam", "lr", "rank"}
+        cfg = TrainConfig(task=task, method=method, seed=seed, max_train=a.max_train, max_eval=a.max_eval,
+                          epochs=a.epochs, threads=a.threads, latency_repeats=a.latency_repeats,
+                          **{k: v for k, v in params.items() if k in known},
+                          extra={k: v for k, v in params.items() if k not in known})
+        r = run(cfg)
+        row = {k: r[k] for k in ("task", "method", "score", "sparsity", "speedup", "params_trainable", "params_total",
+                                 "latency_ms", "n_train", "n_eval")} | {"seed": seed, "lam": lam}
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
+
+def load(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+
+def table(rows: list[dict], budgets: list[float]) -> str:
+    by = defaultdict(list)  # (row label, task) -> list of (seed, record)
+    fg = defaultdict(list)
+    for r in rows:
+        if r["method"] == "finegates":
+            fg[(r["task"], r["seed"])].append(r)
+        else:
+            by[(r["method"], r["task"])].append(r)
+    for (task, seed), rs in fg.items():
+        pts = [Point(str(i), x["score"], x["sparsity"], x["latency_ms"], info=x) for i, x in enumerate(rs)]
+        dense = [x for x in rs if x["lam"] == 0]
+        if dense:
+            by[("finegates, dense point (lambda 0)", task)].append(max(dense, key=lambda x: x["score"]))
+        for b in budgets:
+            by[(f"finegates, selector at budget {b:g}", task)].append(select(pts, b).chosen.info)
+    labels = sorted({k[0] for k in by}, key=lambda s: (not s.startswith("finegates"), s))
+    tasks = sorted({k[1] for k in by})
+    head = ["method", *tasks, "average", "trainable params", "exported sparsity", "CPU speedup"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for lab in labels:
+        cells, avgs, sp, su, tp = [], [], [], [], []
+        for t in tasks:
+            xs = by.get((lab, t), [])
+            if not xs:
+                cells.append("-")
+                continue
+            sc = [x["score"] for x in xs]
+            m = statistics.mean(sc)
+            avgs.append(m)
+            cells.append(f"{m:.3f} ± {statistics.stdev(sc):.3f}" if len(sc) > 1 else f"{m:.3f}")
+            sp += [x["sparsity"] for x in xs]
+            su += [x["speedup"] for x in xs]
+            tp += [(x["params_trainable"], x["params_total"]) for x in xs]
+        avg = statistics.mean(avgs) if avgs else math.nan
+        n, tot = tp[0] if tp else (0, 1)
+        lines.append(f"| {lab} | " + " | ".join(cells) + f" | {avg:.3f} | {n:,} ({100 * n / tot:.2f}%) | "
+                     f"{statistics.mean(sp):.1%} | {statistics.mean(su):.2f}x |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--tasks", default=TASKS)
+    p.add_argument("--methods", default=BASELINES)
+    p.add_argument("--lambdas", default="0,1,3,10")
+    p.add_argument("--seeds", default="1948,1,2")
+    p.add_argument("--budgets", default="0.01,0.02")
+    p.add_argument("--max-train", type=int, default=1000)
+    p.add_argument("--max-eval", type=int, default=None)
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--latency-repeats", type=int, default=5)
+    p.add_argument("--jsonl", default="runs/results.jsonl")
+    p.add_argument("--table-only", action="store_true")
+    a = p.parse_args()
+    out = Path(a.jsonl)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not a.table_only:
+        run_all(a, out)
+    print(table(load(out), [float(b) for b in a.budgets.split(",")]))
+
+
+if __name__ == "__main__":
+    main()
