@@ -22,17 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finegates.gated_model import _layer_modules, base_encoder, trainable_head_parameters
+from finegates.gated_model import _layer_modules, base_encoder
 
 log = logging.getLogger(__name__)
 ALL_SLOTS = ("q", "k", "v", "o", "up", "down")
-
-
-def _freeze_all_but_head(model: nn.Module) -> None:
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in trainable_head_parameters(model):
-        p.requires_grad_(True)
 
 
 def _replace(model: nn.Module, slots: Iterable[str], make) -> list[nn.Module]:

@@ -27,7 +27,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from finegates.gated_model import SLOTS, _layer_modules, base_encoder, trainable_head_parameters
-from finegates.gates import GatedLinear
 from finegates.modeling_finegates import FineGatesConfig, FineGatesForSequenceClassification
 
 log = logging.getLogger(__name__)
@@ -70,7 +69,7 @@ def _head_of(model: nn.Module) -> tuple[str, torch.Tensor, torch.Tensor, torch.T
 
 
 def _folded(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(module, GatedLinear) or callable(getattr(module, "folded", None)):
+    if callable(getattr(module, "folded", None)):  # GatedLinear and the baselines' layers
         w, b = module.folded()  # gates / deltas / scales folded into an equivalent plain linear
     elif isinstance(module, nn.Linear):
         w, b = module.weight.detach().float(), None if module.bias is None else module.bias.detach().float()

@@ -70,11 +70,7 @@ def apply_gates(model: nn.Module, *, layout: str = "coupled", rank: int = 0, lor
     if layout not in LAYOUTS:
         raise ValueError(f"unknown gate layout {layout!r}; accepted: {', '.join(LAYOUTS)}")
     enc = base_encoder(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    head_params = trainable_head_parameters(model)
-    for p in head_params:
-        p.requires_grad_(True)
+    freeze_all_but_head(model)
     layers: list[LayerGates] = []
     for layer in enc.layer:
         gated = {}
@@ -100,6 +96,14 @@ def trainable_head_parameters(model: nn.Module) -> list[nn.Parameter]:
     inner = {id(p) for m in (getattr(base, "embeddings", None), getattr(base, "encoder", None)) if m is not None
              for p in m.parameters()}
     return [p for p in model.parameters() if id(p) not in inner]
+
+
+def freeze_all_but_head(model: nn.Module) -> None:
+    """Freeze every parameter but the classification head (what every frozen-base method starts from)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in trainable_head_parameters(model):
+        p.requires_grad_(True)
 
 
 def gated_layers(model: nn.Module) -> list[LayerGates]:

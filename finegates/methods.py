@@ -35,9 +35,11 @@ class Method(ABC):
         ``calibration``: a few tokenised train batches, for methods that look at activations (GIFT-SW).
         """
 
-    @abstractmethod
     def param_groups(self, model: nn.Module, cfg: "TrainConfig") -> list[dict]:
-        """Optimiser parameter groups (each a dict with ``params`` and ``lr``)."""
+        """Optimiser parameter groups (each a dict with ``params`` and ``lr``): by default one group of
+        everything that trains, at ``cfg.lr``."""
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr,
+                 "weight_decay": cfg.weight_decay}]
 
     def regularizer(self, model: nn.Module, step: int) -> torch.Tensor | None:
         return None
@@ -58,7 +60,6 @@ class FineGates(Method):
 
     name = "finegates"
     prunes = True
-    uses_gates = True
 
     def __init__(self) -> None:
         self.controller: gm.SparsityController | None = None
@@ -123,10 +124,6 @@ class Full(Method):
             p.requires_grad_(True)
         return model
 
-    def param_groups(self, model: nn.Module, cfg: "TrainConfig") -> list[dict]:
-        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr,
-                 "weight_decay": cfg.weight_decay}]
-
 
 class Lora(Method):
     """LoRA through peft (r = cfg.rank or 8, on query and value by default); merged on export."""
@@ -145,10 +142,6 @@ class Lora(Method):
                           modules_to_save=save)
         return get_peft_model(model, pcfg)
 
-    def param_groups(self, model: nn.Module, cfg: "TrainConfig") -> list[dict]:
-        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr,
-                 "weight_decay": cfg.weight_decay}]
-
     def exportable(self, model: nn.Module) -> nn.Module:
         return model.merge_and_unload()
 
@@ -165,15 +158,7 @@ class FineGatesLora(FineGates):
         return super().prepare(model, cfg, total_steps, calibration)
 
 
-class _FrozenBaseline(Method):
-    """Shared by the baselines: head + the method's own parameters train, one learning rate."""
-
-    def param_groups(self, model: nn.Module, cfg: "TrainConfig") -> list[dict]:
-        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr,
-                 "weight_decay": cfg.weight_decay}]
-
-
-class GiftSW(_FrozenBaseline):
+class GiftSW(Method):
     """GIFT-SW: salient columns train, the rest frozen with quantisation-scaled noise (training only).
 
     Options (``cfg.extra``): ``k`` salient columns per linear (default 16: the paper's 128 is for
@@ -183,14 +168,14 @@ class GiftSW(_FrozenBaseline):
     name = "gift-sw"
 
     def prepare(self, model, cfg, total_steps, calibration=None):
-        from finegates.baselines import ALL_SLOTS, GiftLinear, _freeze_all_but_head, _replace, activation_norms
+        from finegates.baselines import ALL_SLOTS, GiftLinear, _replace, activation_norms
 
         if not calibration:
             raise ValueError("gift-sw needs calibration batches from the task's train data")
         k = int(cfg.extra.get("k", 16))
         bits = int(cfg.extra.get("bits", 4))
         slots = tuple(cfg.extra.get("targets", ALL_SLOTS))
-        _freeze_all_but_head(model)
+        gm.freeze_all_but_head(model)
         norms = activation_norms(model, calibration, slots)
 
         def make(lin, i, slot):
@@ -201,34 +186,34 @@ class GiftSW(_FrozenBaseline):
         return model
 
 
-class Sparta(_FrozenBaseline):
+class Sparta(Method):
     """SpaRTA: trainable sparse deltas at random positions of W_v and W_o (``density``, default 1%)."""
 
     name = "sparta"
 
     def prepare(self, model, cfg, total_steps, calibration=None):
-        from finegates.baselines import SpartaLinear, _freeze_all_but_head, _replace
+        from finegates.baselines import SpartaLinear, _replace
 
         density = float(cfg.extra.get("density", 0.01))
         if not 0 < density <= 1:
             raise ValueError(f"sparta density={density!r} is invalid; accepted: a number in (0, 1]")
         slots = tuple(cfg.extra.get("targets", ("v", "o")))
-        _freeze_all_but_head(model)
+        gm.freeze_all_but_head(model)
         g = torch.Generator().manual_seed(cfg.seed)
         _replace(model, slots, lambda lin, i, s: SpartaLinear(lin, density, g).to(lin.weight.device))
         return model
 
 
-class Propulsion(_FrozenBaseline):
+class Propulsion(Method):
     """Propulsion: outputs of the frozen Q, K, V, O, up, down scaled by ``z ** degree`` (default 15)."""
 
     name = "propulsion"
 
     def prepare(self, model, cfg, total_steps, calibration=None):
-        from finegates.baselines import ALL_SLOTS, PropulsionLinear, _freeze_all_but_head, _replace
+        from finegates.baselines import ALL_SLOTS, PropulsionLinear, _replace
 
         degree = int(cfg.extra.get("degree", 15))
-        _freeze_all_but_head(model)
+        gm.freeze_all_but_head(model)
         _replace(model, tuple(cfg.extra.get("targets", ALL_SLOTS)), lambda lin, i, s: PropulsionLinear(lin, degree))
         return model
 

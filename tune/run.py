@@ -24,7 +24,12 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from tune.select import UsageError
+
+if TYPE_CHECKING:
+    from tune.tracking import Tracker
 
 log = logging.getLogger("tune.run")
 
@@ -35,10 +40,6 @@ SCALES = {
                   latency_batch=2, latency_length=32),
 }
 SMOKE_TASKS = "sst2,rte"
-
-
-class UsageError(ValueError):
-    pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,27 +160,26 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
         except (ValueError, AssertionError):
             raise UsageError(f"--search-space {args.search_space!r} is not a JSON object; accepted: "
                              '\'{"lam": [0.01, 10], "rank": {"choices": [0, 8]}}\'') from None
-        from tune.space import get_space, override
+    from tune.space import get_space, override
 
-        for m in methods:
-            try:
-                override(get_space(m), space_spec)
-            except ValueError as e:
-                raise UsageError(str(e)) from None
+    try:
+        spaces = [override(get_space(m), space_spec) for m in methods]
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     experiment = args.experiment or ("finegates-smoke" if args.smoke_test else
                                      "finegates-" + ("glue" if args.tasks == "glue" else "-".join(tasks)))
     out = Path(args.out).resolve() if args.out else Path("runs", experiment).resolve()
     return dict(tasks=tasks, budgets=budgets, methods=methods, trials=trials, cpus=cpus, storage=storage, uri=uri,
-                train=train, experiment=experiment, out=out, scale=scale, space=space_spec)
+                train=train, experiment=experiment, out=out, scale=scale, spaces=spaces)
 
 
-def sweep(v: dict[str, Any], args: argparse.Namespace) -> None:
+def sweep(v: dict[str, Any], args: argparse.Namespace) -> Tracker:
+    """Run (or resume) the Tuner; tag, plot and close each task's parent run. Returns the tracker."""
     import ray
     from ray import tune
 
     from tune.callbacks import ParetoCallback
     from tune.searcher import MultiTaskOptunaSearch
-    from tune.space import get_space, override
     from tune.tracking import Tracker
     from tune.trial import trial_fn
 
@@ -200,7 +200,7 @@ def sweep(v: dict[str, Any], args: argparse.Namespace) -> None:
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                    restart_errored=False)
     else:
-        searcher = MultiTaskOptunaSearch(v["tasks"], [override(get_space(m), v["space"]) for m in v["methods"]], v["trials"], seed=args.seed)
+        searcher = MultiTaskOptunaSearch(v["tasks"], v["spaces"], v["trials"], seed=args.seed)
         n = v["trials"] * len(v["tasks"]) * len(v["methods"])
         tuner = tune.Tuner(
             trainable,
@@ -224,6 +224,7 @@ def sweep(v: dict[str, Any], args: argparse.Namespace) -> None:
         pts = tracker.update_pareto_tags(task, v["experiment"])
         log_task_summary(tracker, parents[task], task, pts, v["budgets"], args.budget_mode)
         tracker.client.set_terminated(parents[task], status="FINISHED")
+    return tracker
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,18 +232,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from finegates.config import ConfigError
     from tasks import TaskError
-    from tune.select import UsageError as SelectUsageError
     from tune.select import format_table, select_sweep
-    from tune.tracking import Tracker, TrackingError
+    from tune.tracking import TrackingError
 
     try:
         v = validate(args)
-    except (UsageError, SelectUsageError, TaskError, ConfigError, TrackingError) as e:
+    except (UsageError, TaskError, ConfigError, TrackingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    sweep(v, args)
-    tracker = Tracker(v["uri"], v["experiment"])
+    tracker = sweep(v, args)
     rows = select_sweep(tracker, v["tasks"], v["budgets"], v["out"] / "selection", args.budget_mode,
                         args.select_by, sweep=v["experiment"])
     print(format_table(rows))

@@ -23,6 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from mlflow import MlflowClient
+
 from tune.pareto import BUDGET_MODES, SELECT_BY, check_budget, select
 from tune.tracking import TAG_TASK, Tracker, TrackingError, check_reachable, default_tracking_uri, with_retry
 
@@ -176,8 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         budgets = parse_budgets(args.budget, args.budget_mode)
         uri = args.mlflow_uri or default_tracking_uri()
         check_reachable(uri)
-        tracker_client = __import__("mlflow").MlflowClient(tracking_uri=uri)
-        exp = tracker_client.get_experiment_by_name(args.experiment)
+        exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(args.experiment)
         if exp is None:
             raise UsageError(f"--experiment {args.experiment!r} does not exist in {uri}")
         tracker = Tracker(uri, experiment_id=exp.experiment_id)

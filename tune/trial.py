@@ -19,7 +19,6 @@ from finegates.train import EpochReport, run
 log = logging.getLogger(__name__)
 
 
-
 def trial_config(config: dict[str, Any], fixed: dict[str, Any], output_dir: str) -> TrainConfig:
     """TrainConfig of a trial: the sweep's fixed settings + the searched ones (method options that are
     not TrainConfig fields, like GIFT-SW's ``k``, go to ``extra``)."""
@@ -38,7 +37,8 @@ def trial_config(config: dict[str, Any], fixed: dict[str, Any], output_dir: str)
 
 
 def trial_fn(config: dict[str, Any], fixed: dict[str, Any]) -> None:
-    """Ray Tune function trainable. ``fixed``: sweep-wide settings (see tune.run.build_fixed)."""
+    """Ray Tune function trainable. ``fixed``: sweep-wide settings (built in :func:`tune.run.sweep`)."""
+    import ray
     from ray import tune
     from safetensors.torch import save_file
 
@@ -69,8 +69,6 @@ def trial_fn(config: dict[str, Any], fixed: dict[str, Any]) -> None:
         tracker.fail_trial(run_id, e)
         raise
     final = {k: v for k, v in result.items() if k not in ("history", "config", "layers")}
-    import ray
-
     tune.report({**_numbers(final), "final": True, "task": task, "method": method, "mlflow_run_id": run_id,
                  "node_id": ray.get_runtime_context().get_node_id(), "device": result["device"],
                  "model_path": result.get("model_path") or "", "validation_source": result["validation_source"]})
