@@ -178,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         budgets = parse_budgets(args.budget, args.budget_mode)
         uri = args.mlflow_uri or default_tracking_uri()
         check_reachable(uri)
+        if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+            # opening a missing SQLite store would create an empty one: the selector only reads
+            raise UsageError(f"no MLflow store at {uri}; give the sweep's --mlflow-uri")
         exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(args.experiment)
         if exp is None:
             raise UsageError(f"--experiment {args.experiment!r} does not exist in {uri}")

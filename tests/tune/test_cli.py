@@ -53,3 +53,14 @@ def test_help_documents_options_with_defaults(capsys):
                 "--smoke-test", "--seed", "--data-dir", "--max-train", "--epochs"):
         assert opt in text, opt
     assert "default" in text
+
+
+def test_selector_on_a_missing_store_writes_nothing(tmp_path, monkeypatch, capsys):
+    from tune.select import main as select_main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert select_main(["--experiment", "nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no MLflow store at sqlite:///" in err[0], err
+    assert list(tmp_path.iterdir()) == []
