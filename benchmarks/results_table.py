@@ -28,7 +28,8 @@ def run_all(a: argparse.Namespace, out: Path) -> None:
     from finegates.train import run
     from tune.space import get_space
 
-    done = {(r["task"], r["method"], r["seed"], r.get("lam")) for r in load(out)}
+    setting = settings(a)
+    done = {(r["task"], r["method"], r["seed"], r.get("lam")) for r in load(out, setting)}
     jobs = []
     for task in a.tasks.split(","):
         for seed in [int(s) for s in a.seeds.split(",")]:
@@ -42,27 +43,34 @@ def run_all(a: argparse.Namespace, out: Path) -> None:
             continue
         known = {"lam", "lr", "rank"}
         cfg = TrainConfig(task=task, method=method, seed=seed, max_train=a.max_train, max_eval=a.max_eval,
-                          epochs=a.epochs, threads=a.threads, latency_repeats=a.latency_repeats,
+                          epochs=a.epochs, max_length=a.max_length, threads=a.threads, latency_repeats=a.latency_repeats,
                           **{k: v for k, v in params.items() if k in known},
                           extra={k: v for k, v in params.items() if k not in known})
         r = run(cfg)
         row = {k: r[k] for k in ("task", "method", "score", "sparsity", "speedup", "params_trainable", "params_total",
-                                 "latency_ms", "n_train", "n_eval")} | {"seed": seed, "lam": lam}
+                                 "latency_ms", "n_train", "n_eval", "train_time_s")} | {"seed": seed, "lam": lam, "threads": a.threads} | setting
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
 
 
-def load(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+def settings(a: argparse.Namespace) -> dict:
+    """What makes rows comparable: rows of a JSONL made with other settings are neither reused nor tabled."""
+    return {"max_train": a.max_train, "max_eval": a.max_eval, "epochs": a.epochs, "max_length": a.max_length}
 
 
-def table(rows: list[dict], budgets: list[float]) -> str:
+def load(path: Path, setting: dict) -> list[dict]:
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    return [r for r in rows if all(r.get(k, v) == v for k, v in setting.items())]
+
+
+def table(rows: list[dict], budgets: list[float], lambdas: list[float]) -> str:
     by = defaultdict(list)  # (row label, task) -> list of (seed, record)
     fg = defaultdict(list)
     for r in rows:
         if r["method"] == "finegates":
-            fg[(r["task"], r["seed"])].append(r)
+            if r["lam"] in lambdas:
+                fg[(r["task"], r["seed"])].append(r)
         else:
             by[(r["method"], r["task"])].append(r)
     for (task, seed), rs in fg.items():
@@ -107,6 +115,7 @@ def main() -> None:
     p.add_argument("--max-train", type=int, default=1000)
     p.add_argument("--max-eval", type=int, default=None)
     p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--latency-repeats", type=int, default=5)
     p.add_argument("--jsonl", default="runs/results.jsonl")
@@ -116,7 +125,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     if not a.table_only:
         run_all(a, out)
-    print(table(load(out), [float(b) for b in a.budgets.split(",")]))
+    print(table(load(out, settings(a)), [float(b) for b in a.budgets.split(",")],
+                [float(x) for x in a.lambdas.split(",")]))
 
 
 if __name__ == "__main__":
