@@ -4,6 +4,10 @@ validation data here, the embedded MiniLM, data-limited, several seeds.
     python benchmarks/results_table.py --jsonl runs/results.jsonl            # resumable: done runs are skipped
     python benchmarks/results_table.py --jsonl runs/results.jsonl --table-only
 
+Runs are single-threaded by default so that one process per core can share the JSONL, each with its
+own ``--tasks`` (docs/RESULTS.md gives the two commands used for the table). Rows remember their
+settings (train size, eval size, epochs, max length); rows made with other settings are ignored.
+
 Each baseline runs once per task and seed with its reference configuration (tune/space.py). FineGates
 runs once per lambda in ``--lambdas`` (lambda 0 = its dense point); its rows are then chosen per task
 and seed by the sweep's selector (tune.pareto.select) at each budget, plus its best dense point.
@@ -20,7 +24,7 @@ from pathlib import Path
 from tune.pareto import Point, select
 
 TASKS = "cola,sst2,mrpc,stsb,mnli,qnli,rte,wnli"  # QQP has no validation split here
-BASELINES = "lora,gift-sw,sparta,propulsion,full"
+BASELINES = "finegates-lora,lora,gift-sw,sparta,propulsion,full"
 
 
 def run_all(a: argparse.Namespace, out: Path) -> None:
@@ -33,9 +37,9 @@ def run_all(a: argparse.Namespace, out: Path) -> None:
     jobs = []
     for task in a.tasks.split(","):
         for seed in [int(s) for s in a.seeds.split(",")]:
-            for lam in [float(x) for x in a.lambdas.split(",")]:
+            for lam in lambdas(a):
                 jobs.append((task, "finegates", seed, lam, {"lam": lam}))
-            for m in a.methods.split(","):
+            for m in [m for m in a.methods.split(",") if m.strip()]:
                 ref = dict(get_space(m).reference)
                 jobs.append((task, m, seed, None, ref))
     for task, method, seed, lam, params in jobs:
@@ -52,6 +56,10 @@ def run_all(a: argparse.Namespace, out: Path) -> None:
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
+
+
+def lambdas(a: argparse.Namespace) -> list[float]:
+    return [float(x) for x in a.lambdas.split(",") if x.strip()]  # "" = no gates-only FineGates runs
 
 
 def settings(a: argparse.Namespace) -> dict:
@@ -109,15 +117,15 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tasks", default=TASKS)
     p.add_argument("--methods", default=BASELINES)
-    p.add_argument("--lambdas", default="0,1,3,10")
+    p.add_argument("--lambdas", default="0,10,30")
     p.add_argument("--seeds", default="1948,1,2")
     p.add_argument("--budgets", default="0.01,0.02")
     p.add_argument("--max-train", type=int, default=1000)
-    p.add_argument("--max-eval", type=int, default=None)
-    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--max-eval", type=int, default=500)
+    p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--latency-repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--latency-repeats", type=int, default=3)
     p.add_argument("--jsonl", default="runs/results.jsonl")
     p.add_argument("--table-only", action="store_true")
     a = p.parse_args()
@@ -126,7 +134,7 @@ def main() -> None:
     if not a.table_only:
         run_all(a, out)
     print(table(load(out, settings(a)), [float(b) for b in a.budgets.split(",")],
-                [float(x) for x in a.lambdas.split(",")]))
+                lambdas(a)))
 
 
 if __name__ == "__main__":
