@@ -72,23 +72,32 @@ def load(path: Path, setting: dict) -> list[dict]:
     return [r for r in rows if all(r.get(k, v) == v for k, v in setting.items())]
 
 
-def table(rows: list[dict], budgets: list[float], lambdas: list[float]) -> str:
-    by = defaultdict(list)  # (row label, task) -> list of (seed, record)
+def finegates_rows(rows: list[dict], budgets: list[float], lambdas: list[float]) -> dict[tuple[str, str], list[dict]]:
+    """(row label, task) -> records: baselines as they are; FineGates per lambda and as the selector picks them."""
+    by = defaultdict(list)
     fg = defaultdict(list)
     for r in rows:
-        if r["method"] == "finegates":
-            if r["lam"] in lambdas:
-                fg[(r["task"], r["seed"])].append(r)
-        else:
+        if r["method"] != "finegates":
             by[(r["method"], r["task"])].append(r)
+        elif r["lam"] in lambdas:
+            fg[(r["task"], r["seed"])].append(r)
     for (task, seed), rs in fg.items():
         pts = [Point(str(i), x["score"], x["sparsity"], x["latency_ms"], info=x) for i, x in enumerate(rs)]
+        for x in rs:
+            by[(f"finegates, lambda {x['lam']:g}", task)].append(x)
         dense = [x for x in rs if x["lam"] == 0]
         if dense:
             by[("finegates, dense point (lambda 0)", task)].append(max(dense, key=lambda x: x["score"]))
         for b in budgets:
             by[(f"finegates, selector at budget {b:g}", task)].append(select(pts, b).chosen.info)
-    labels = sorted({k[0] for k in by}, key=lambda s: (not s.startswith("finegates"), s))
+    return by
+
+
+def table(rows: list[dict], budgets: list[float], lambdas: list[float]) -> str:
+    """The table of docs/RESULTS.md: score per task (mean ± std over seeds), average, trainable params,
+    exported sparsity and CPU speedup (means over tasks and seeds)."""
+    by = finegates_rows(rows, budgets, lambdas)
+    labels = sorted({k[0] for k in by if ", lambda " not in k[0]}, key=lambda s: (not s.startswith("finegates"), s))
     tasks = sorted({k[1] for k in by})
     head = ["method", *tasks, "average", "trainable params", "exported sparsity", "CPU speedup"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -113,6 +122,22 @@ def table(rows: list[dict], budgets: list[float], lambdas: list[float]) -> str:
     return "\n".join(lines)
 
 
+def compression_table(rows: list[dict], budgets: list[float], lambdas: list[float]) -> str:
+    """FineGates per task: score, exported sparsity and CPU speedup of each lambda and of each selector pick."""
+    by = finegates_rows(rows, budgets, lambdas)
+    labels = [f"finegates, lambda {x:g}" for x in lambdas] + [f"finegates, selector at budget {b:g}" for b in budgets]
+    tasks = sorted({k[1] for k in by})
+    lines = ["| FineGates | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
+    for lab in labels:
+        cells = []
+        for t in tasks:
+            xs = by.get((lab, t), [])
+            cells.append(f"{statistics.mean(x['score'] for x in xs):.3f} / {statistics.mean(x['sparsity'] for x in xs):.0%}"
+                         f" / {statistics.mean(x['speedup'] for x in xs):.2f}x" if xs else "-")
+        lines.append(f"| {lab} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tasks", default=TASKS)
@@ -133,8 +158,10 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     if not a.table_only:
         run_all(a, out)
-    print(table(load(out, settings(a)), [float(b) for b in a.budgets.split(",")],
-                lambdas(a)))
+    rows, budgets = load(out, settings(a)), [float(b) for b in a.budgets.split(",")]
+    print(table(rows, budgets, lambdas(a)))
+    print("\nFineGates per task (score / exported sparsity / CPU speedup, means over seeds):\n")
+    print(compression_table(rows, budgets, lambdas(a)))
 
 
 if __name__ == "__main__":

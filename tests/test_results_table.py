@@ -53,3 +53,12 @@ def test_lambdas_outside_the_list_are_not_offered_to_the_selector():
 def test_settings_come_from_the_command_line():
     a = argparse.Namespace(max_train=1000, max_eval=500, epochs=1.0, max_length=128)
     assert rt.settings(a) == SETTING
+
+
+def test_compression_table_shows_each_lambda_and_each_pick():
+    rows = [row("finegates", 0.80, 1, lam=0.0), row("finegates", 0.79, 1, lam=10.0, sparsity=0.5, speedup=2.0)]
+    lines = rt.compression_table(rows, [0.01, 0.02], [0.0, 10.0]).splitlines()
+    assert lines[2] == "| finegates, lambda 0 | 0.800 / 0% / 1.00x |"
+    assert lines[3] == "| finegates, lambda 10 | 0.790 / 50% / 2.00x |"
+    assert lines[4] == "| finegates, selector at budget 0.01 | 0.800 / 0% / 1.00x |"
+    assert lines[5] == "| finegates, selector at budget 0.02 | 0.790 / 50% / 2.00x |"
