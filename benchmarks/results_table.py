@@ -72,7 +72,7 @@ def load(path: Path, setting: dict) -> list[dict]:
     return [r for r in rows if all(r.get(k, v) == v for k, v in setting.items())]
 
 
-def finegates_rows(rows: list[dict], budgets: list[float], lambdas: list[float]) -> dict[tuple[str, str], list[dict]]:
+def rows_by_label(rows: list[dict], budgets: list[float], lambdas: list[float]) -> dict[tuple[str, str], list[dict]]:
     """(row label, task) -> records: baselines as they are; FineGates per lambda and as the selector picks them."""
     by = defaultdict(list)
     fg = defaultdict(list)
@@ -96,7 +96,7 @@ def finegates_rows(rows: list[dict], budgets: list[float], lambdas: list[float])
 def table(rows: list[dict], budgets: list[float], lambdas: list[float]) -> str:
     """The table of docs/RESULTS.md: score per task (mean ± std over seeds), average, trainable params,
     exported sparsity and CPU speedup (means over tasks and seeds)."""
-    by = finegates_rows(rows, budgets, lambdas)
+    by = rows_by_label(rows, budgets, lambdas)
     labels = sorted({k[0] for k in by if ", lambda " not in k[0]}, key=lambda s: (not s.startswith("finegates"), s))
     tasks = sorted({k[1] for k in by})
     head = ["method", *tasks, "average", "trainable params", "exported sparsity", "CPU speedup"]
@@ -124,7 +124,7 @@ def table(rows: list[dict], budgets: list[float], lambdas: list[float]) -> str:
 
 def compression_table(rows: list[dict], budgets: list[float], lambdas: list[float]) -> str:
     """FineGates per task: score, exported sparsity and CPU speedup of each lambda and of each selector pick."""
-    by = finegates_rows(rows, budgets, lambdas)
+    by = rows_by_label(rows, budgets, lambdas)
     labels = [f"finegates, lambda {x:g}" for x in lambdas] + [f"finegates, selector at budget {b:g}" for b in budgets]
     tasks = sorted({k[1] for k in by})
     lines = ["| FineGates | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
@@ -146,7 +146,8 @@ def main() -> None:
     p.add_argument("--seeds", default="1948,1,2")
     p.add_argument("--budgets", default="0.01,0.02")
     p.add_argument("--max-train", type=int, default=1000)
-    p.add_argument("--max-eval", type=int, default=500)
+    p.add_argument("--max-eval", type=lambda s: None if s == "all" else int(s), default=500,
+                   help="validation subset per task and seed; 'all' for the whole split")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
@@ -159,6 +160,8 @@ def main() -> None:
     if not a.table_only:
         run_all(a, out)
     rows, budgets = load(out, settings(a)), [float(b) for b in a.budgets.split(",")]
+    if not rows:
+        raise SystemExit(f"no rows with settings {settings(a)} in {out}; run without --table-only to make them")
     print(table(rows, budgets, lambdas(a)))
     print("\nFineGates per task (score / exported sparsity / CPU speedup, means over seeds):\n")
     print(compression_table(rows, budgets, lambdas(a)))
