@@ -28,9 +28,9 @@ BASELINES = "finegates-lora,lora,gift-sw,sparta,propulsion,full"
 
 
 def run_all(a: argparse.Namespace, out: Path) -> None:
-    from finegates.config import TrainConfig
     from finegates.train import run
     from tune.space import get_space
+    from tune.trial import trial_config
 
     setting = settings(a)
     done = {(r["task"], r["method"], r["seed"], r.get("lam")) for r in load(out, setting)}
@@ -40,19 +40,16 @@ def run_all(a: argparse.Namespace, out: Path) -> None:
             for lam in lambdas(a):
                 jobs.append((task, "finegates", seed, lam, {"lam": lam}))
             for m in [m for m in a.methods.split(",") if m.strip()]:
-                ref = dict(get_space(m).reference)
-                jobs.append((task, m, seed, None, ref))
+                jobs.append((task, m, seed, None, dict(get_space(m).reference)))
+    train = dict(setting, threads=a.threads, latency_repeats=a.latency_repeats)
     for task, method, seed, lam, params in jobs:
         if (task, method, seed, lam) in done:
             continue
-        known = {"lam", "lr", "rank"}
-        cfg = TrainConfig(task=task, method=method, seed=seed, max_train=a.max_train, max_eval=a.max_eval,
-                          epochs=a.epochs, max_length=a.max_length, threads=a.threads, latency_repeats=a.latency_repeats,
-                          **{k: v for k, v in params.items() if k in known},
-                          extra={k: v for k, v in params.items() if k not in known})
-        r = run(cfg)
+        # the sweep's own mapping of a trial's params onto TrainConfig (method options go to ``extra``)
+        r = run(trial_config({"task": task, "method": method, "seed": seed, **params}, {"train": train}, None))
         row = {k: r[k] for k in ("task", "method", "score", "sparsity", "speedup", "params_trainable", "params_total",
-                                 "latency_ms", "n_train", "n_eval", "train_time_s")} | {"seed": seed, "lam": lam, "threads": a.threads} | setting
+                                 "latency_ms", "n_train", "n_eval", "train_time_s")}
+        row |= {"seed": seed, "lam": lam, "threads": a.threads} | setting
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
