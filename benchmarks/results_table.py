@@ -135,6 +135,42 @@ def compression_table(rows: list[dict], budgets: list[float], lambdas: list[floa
     return "\n".join(lines)
 
 
+def trivial_scores(tasks: list[str]) -> str:
+    """Score of always predicting the majority class on each task's whole validation split (the level
+    below which a cell says that nothing was learned). STS-B has none: a constant has no correlation."""
+    import numpy as np
+
+    from tasks import get_task
+    from tasks.data import load_split
+    from tasks.metrics import compute_metrics
+
+    cells = []
+    for name in tasks:
+        task = get_task(name)
+        if task.num_labels == 1:
+            cells.append("-")
+            continue
+        labels = load_split(task, task.validation_split).label.to_numpy()
+        majority = np.bincount(labels).argmax()
+        cells.append(f"{compute_metrics(task, np.full_like(labels, majority), labels)['score']:.3f}")
+    return "| majority class | " + " | ".join(cells) + " |"
+
+
+def training_cost(rows: list[dict]) -> str:
+    """Per method: the sum over tasks of the mean train seconds of its runs, and that relative to LoRA."""
+    secs = defaultdict(list)
+    for r in rows:
+        secs[(r["method"], r["task"])].append(r["train_time_s"])
+    tasks = sorted({t for _, t in secs})
+    total = {m: sum(statistics.mean(secs[(m, t)]) for t in tasks if secs.get((m, t)))
+             for m in sorted({m for m, _ in secs})}
+    lines = ["| method | train seconds (sum over tasks of the mean per run) | vs LoRA |", "|---|---:|---:|"]
+    for m, v in total.items():
+        rel = f"{v / total['lora']:.2f}x" if total.get("lora") else "-"
+        lines.append(f"| {m} | {v:.0f} | {rel} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tasks", default=TASKS)
@@ -154,14 +190,32 @@ def main() -> None:
     a = p.parse_args()
     out = Path(a.jsonl)
     out.parent.mkdir(parents=True, exist_ok=True)
+    from finegates.config import ConfigError
+    from tasks import TaskError
+
     if not a.table_only:
-        run_all(a, out)
+        try:
+            run_all(a, out)
+        except (TaskError, ConfigError, ValueError) as e:  # unknown task or method, missing data: rows so far are kept
+            raise SystemExit(f"error: {e}") from None
     rows, budgets = load(out, settings(a)), [float(b) for b in a.budgets.split(",")]
     if not rows:
         raise SystemExit(f"no rows with settings {settings(a)} in {out}; run without --table-only to make them")
     print(table(rows, budgets, lambdas(a)))
     print("\nFineGates per task (score / exported sparsity / CPU speedup, means over seeds):\n")
     print(compression_table(rows, budgets, lambdas(a)))
+    tasks = sorted({r["task"] for r in rows})
+    print("\nTrivial predictor on the whole validation splits:\n")
+    print("| predictor | " + " | ".join(tasks) + " |\n|" + "---|" * (len(tasks) + 1))
+    try:
+        print(trivial_scores(tasks))
+        missing = None
+    except TaskError as e:
+        missing = e
+    print("\nTraining cost (all FineGates lambdas pooled under finegates):\n")
+    print(training_cost(rows))
+    if missing:
+        raise SystemExit(f"error: no majority-class row: {missing}")
 
 
 if __name__ == "__main__":

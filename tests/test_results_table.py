@@ -62,3 +62,15 @@ def test_compression_table_shows_each_lambda_and_each_pick():
     assert lines[3] == "| finegates, lambda 10 | 0.790 / 50% / 2.00x |"
     assert lines[4] == "| finegates, selector at budget 0.01 | 0.800 / 0% / 1.00x |"
     assert lines[5] == "| finegates, selector at budget 0.02 | 0.790 / 50% / 2.00x |"
+
+
+def test_training_cost_is_relative_to_lora():
+    rows = [row("lora", 0.8, s) | {"train_time_s": 10.0} for s in (1, 2)]
+    rows += [row("full", 0.8, 1) | {"train_time_s": 12.0}, row("full", 0.8, 2) | {"train_time_s": 18.0}]
+    lines = rt.training_cost(rows).splitlines()
+    assert lines[2:] == ["| full | 15 | 1.50x |", "| lora | 10 | 1.00x |"]
+
+
+def test_majority_class_scores_on_the_real_validation_splits(glue_dir):
+    # SST-2 validation: 444 of 872 positive; MRPC: always "paraphrase" gives F1 0.812, accuracy 0.684
+    assert rt.trivial_scores(["sst2", "mrpc", "stsb", "cola"]) == "| majority class | 0.509 | 0.748 | - | 0.000 |"
