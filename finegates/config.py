@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from finegates.gated_model import LAYOUTS, PENALTIES
+from finegates.gates import GATE_INITS
 
 
 class ConfigError(ValueError):
@@ -14,6 +15,7 @@ class ConfigError(ValueError):
 
 METHODS = ("finegates",)  # extended by finegates.methods
 PRECISIONS = ("auto", "no", "fp16", "bf16")
+TEACHERS = ("none", "lora", "full")
 
 
 @dataclass
@@ -22,17 +24,25 @@ class TrainConfig:
     model: str | None = None  # None: the embedded all-MiniLM-L6-v2
     method: str = "finegates"
     # FineGates
-    lam: float = 3.0  # sparsity weight lambda (0 = dense reference: gates trained, no penalty)
-    penalty: str = "paper"  # paper | code | controller
-    target_sparsity: float = 0.4  # for penalty=code/controller
+    penalty: str = "controller"  # controller (reach target_sparsity) | paper | code
+    target_sparsity: float = 0.4  # controller: fraction of gated weights to remove (0 = dense reference)
+    lam: float = 3.0  # paper/code penalty weight lambda (0 = no penalty); unused by the controller
     layout: str = "coupled"  # coupled | independent
+    gate_init: str = "edge"  # edge (task gradient from step 0) | saturated (official code)
     rank: int = 0  # LoRA rank inside the gates; 0 = gates only
     lora_alpha: float | None = None
     train_bias: bool = True
     # optimisation
     lr: float = 2e-3  # head (and LoRA) learning rate
     gate_lr: float = 5e-2  # gate learning rate
-    warmup_frac: float = 0.0  # controller: fraction of steps over which the target ramps up
+    warmup_frac: float = 0.4  # controller: fraction of steps over which the target ramps up from 0
+    recovery_frac: float = 0.3  # last fraction of steps with the structure fixed (0 = none)
+    # distillation from a dense teacher finetuned on the same data (trained once, cached)
+    teacher: str = "none"  # none | lora | full
+    distill_alpha: float = 0.5  # loss = (1 - alpha) task + alpha distillation
+    distill_temperature: float = 2.0
+    teacher_lr: float | None = None  # None: lora 1e-3, full 5e-5
+    teacher_cache: str | None = None  # None: $FINEGATES_TEACHER_CACHE or ~/.cache/finegates/teachers
     epochs: float = 3.0
     batch_size: int = 16
     max_length: int = 128
@@ -78,8 +88,20 @@ class TrainConfig:
                 raise bad(name, v, "a finite number > 0")
         if not finite(self.epochs) or self.epochs <= 0:
             raise bad("epochs", self.epochs, "a number > 0")
-        if not finite(self.warmup_frac) or not 0 <= self.warmup_frac <= 1:
-            raise bad("warmup_frac", self.warmup_frac, "a number in [0, 1]")
+        if self.gate_init not in GATE_INITS:
+            raise bad("gate_init", self.gate_init, ", ".join(GATE_INITS))
+        for name in ("warmup_frac", "recovery_frac", "distill_alpha"):
+            v = getattr(self, name)
+            if not finite(v) or not 0 <= v <= 1:
+                raise bad(name, v, "a number in [0, 1]")
+        if self.warmup_frac + self.recovery_frac > 1:
+            raise bad("warmup_frac + recovery_frac", self.warmup_frac + self.recovery_frac, "at most 1")
+        if self.teacher not in TEACHERS:
+            raise bad("teacher", self.teacher, ", ".join(TEACHERS))
+        if not finite(self.distill_temperature) or self.distill_temperature <= 0:
+            raise bad("distill_temperature", self.distill_temperature, "a finite number > 0")
+        if self.teacher_lr is not None and (not finite(self.teacher_lr) or self.teacher_lr <= 0):
+            raise bad("teacher_lr", self.teacher_lr, "a finite number > 0, or none for the method's default")
         for name in ("batch_size", "max_length", "latency_batch", "latency_length", "latency_repeats"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:

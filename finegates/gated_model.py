@@ -26,7 +26,7 @@ from finegates.gates import Gate, GatedLinear
 log = logging.getLogger(__name__)
 
 LAYOUTS = ("independent", "coupled")
-PENALTIES = ("paper", "code", "controller")
+PENALTIES = ("controller", "paper", "code")
 SLOTS = ("q", "k", "v", "o", "up", "down")
 
 
@@ -64,7 +64,7 @@ def _layer_modules(layer: nn.Module) -> dict[str, tuple[nn.Module, str]]:
 
 
 def apply_gates(model: nn.Module, *, layout: str = "coupled", rank: int = 0, lora_alpha: float | None = None,
-                train_bias: bool = True) -> list[LayerGates]:
+                train_bias: bool = True, gate_init: str = "edge") -> list[LayerGates]:
     """Replace the six target linears of every layer by :class:`GatedLinear` (in place) and freeze
     everything but gates, LoRA, (optionally) the gated biases and the classification head."""
     if layout not in LAYOUTS:
@@ -80,7 +80,8 @@ def apply_gates(model: nn.Module, *, layout: str = "coupled", rank: int = 0, lor
                 row, col = True, True
             else:
                 row, col = slot in ("q", "k", "v", "up"), False
-            gl = GatedLinear(base, row=row, col=col, rank=rank, lora_alpha=lora_alpha, train_bias=train_bias)
+            gl = GatedLinear(base, row=row, col=col, rank=rank, lora_alpha=lora_alpha, train_bias=train_bias,
+                             gate_init=gate_init)
             gl.to(device=base.weight.device)
             setattr(parent, attr, gl)
             gated[slot] = gl

@@ -2,11 +2,24 @@
 
 Gate math follows the official code (GitHub jsvir/FineGates):
 
-    theta ~ N(1, 0.1^2) at init;  mu = tanh(theta)                      # mu starts near 0.76
+    mu = tanh(theta)
     train: z = clamp(mu + 0.5 + eps, 0, 1),  eps ~ N(0, 0.1^2), one draw per forward
     eval:  z = clamp(mu + 0.5, 0, 1)                                    # may be fractional
     P(open) = Phi((mu + 0.5) / sigma_reg),  sigma_reg = 0.5
     closed (removable) exactly when the eval gate is 0, i.e. mu <= -0.5
+
+Two initialisations (``init=``):
+
+* ``edge`` (our default): theta = atanh(0.5), so mu + 0.5 = 1 exactly. The eval gate is 1 (the model
+  starts as the pretrained one) and about half of the training draws fall below the clamp, so every gate
+  gets a task gradient from the first step.
+* ``saturated`` (the official code): theta ~ N(1, 0.1^2), mu + 0.5 ~ 1.26, above the clamp: a gate sees
+  a task gradient only when the noise takes it below 1 (about 1% of draws), so before a penalty pulls it
+  down it trains on almost nothing.
+
+A gate can be *pinned* (:meth:`Gate.pin`): units closed at that moment stay exactly closed, the others
+can no longer close (:meth:`Gate.keep_open_` after each optimiser step). That is the recovery phase: the
+kept weights go on training while the exported structure is fixed.
 
 A :class:`GatedLinear` computes ``y = z_r * ((W + s B A)(z_c * x) + b)`` for a frozen ``W`` (m x n).
 """
@@ -20,19 +33,30 @@ from torch import nn
 
 NOISE_STD = 0.1
 SIGMA_REG = 0.5
-INIT_MEAN = 1.0
+INIT_MEAN = 1.0  # saturated (official) init: theta ~ N(1, 0.1^2)
 INIT_STD = 0.1
+GATE_INITS = ("edge", "saturated")
+EDGE_THETA = math.atanh(0.5) + 1e-5  # mu + 0.5 = 1 (rounding kept on the open side): at the edge of the clamp
+PINNED_OPEN_MIN = 0.05  # a pinned open gate keeps an eval value of at least this
 
 
 class Gate(nn.Module):
     """A vector of ``size`` stochastic gates in [0, 1]."""
 
-    def __init__(self, size: int, init_mean: float = INIT_MEAN, init_std: float = INIT_STD,
-                 noise_std: float = NOISE_STD, sigma_reg: float = SIGMA_REG) -> None:
+    def __init__(self, size: int, init: str = "edge", noise_std: float = NOISE_STD,
+                 sigma_reg: float = SIGMA_REG) -> None:
         super().__init__()
-        self.theta = nn.Parameter(torch.randn(size) * init_std + init_mean)
+        if init == "edge":
+            theta = torch.full((size,), EDGE_THETA)
+        elif init == "saturated":
+            theta = torch.randn(size) * INIT_STD + INIT_MEAN
+        else:
+            raise ValueError(f"gate init {init!r} is invalid; accepted: {', '.join(GATE_INITS)}")
+        self.theta = nn.Parameter(theta)
         self.noise_std = noise_std
         self.sigma_reg = sigma_reg
+        self.register_buffer("pinned_closed", torch.zeros(size, dtype=torch.bool), persistent=False)
+        self.pinned = False
 
     @property
     def mu(self) -> torch.Tensor:
@@ -42,12 +66,28 @@ class Gate(nn.Module):
         mu = self.mu
         if self.training:
             mu = mu + self.noise_std * torch.randn_like(mu)
-        return torch.clamp(mu + 0.5, 0.0, 1.0)
+        z = torch.clamp(mu + 0.5, 0.0, 1.0)
+        return z.masked_fill(self.pinned_closed, 0.0) if self.pinned else z
 
     @torch.no_grad()
     def eval_values(self) -> torch.Tensor:
         """Deterministic eval gates (what export folds into the weights)."""
-        return torch.clamp(self.mu + 0.5, 0.0, 1.0)
+        z = torch.clamp(self.mu + 0.5, 0.0, 1.0)
+        return z.masked_fill(self.pinned_closed, 0.0) if self.pinned else z
+
+    @torch.no_grad()
+    def pin(self) -> None:
+        """Fix the structure: closed units stay closed (exactly 0, no gradient), open ones stay open."""
+        self.pinned_closed.copy_(self.eval_values() <= 0.0)
+        self.pinned = True
+        self.keep_open_()
+
+    @torch.no_grad()
+    def keep_open_(self) -> None:
+        """After an optimiser step of a pinned gate: open units keep an eval value >= PINNED_OPEN_MIN."""
+        if self.pinned:
+            floor = math.atanh(PINNED_OPEN_MIN - 0.5)
+            self.theta.copy_(torch.where(self.pinned_closed, self.theta, self.theta.clamp(min=floor)))
 
     def p_open(self) -> torch.Tensor:
         """P(gate open) = Phi((mu + 0.5) / sigma_reg); differentiable in theta."""
@@ -70,7 +110,7 @@ class GatedLinear(nn.Module):
     """
 
     def __init__(self, base: nn.Linear, *, row: bool = True, col: bool = True, rank: int = 0,
-                 lora_alpha: float | None = None, train_bias: bool = False) -> None:
+                 lora_alpha: float | None = None, train_bias: bool = False, gate_init: str = "edge") -> None:
         super().__init__()
         if rank < 0:
             raise ValueError(f"rank must be >= 0, got {rank}")
@@ -78,8 +118,8 @@ class GatedLinear(nn.Module):
         self.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)  # (m, n)
         self.bias = None if base.bias is None else nn.Parameter(base.bias.detach().clone(),
                                                                   requires_grad=train_bias)
-        self.row_gate = Gate(self.out_features) if row else None
-        self.col_gate = Gate(self.in_features) if col else None
+        self.row_gate = Gate(self.out_features, gate_init) if row else None
+        self.col_gate = Gate(self.in_features, gate_init) if col else None
         self.rank = rank
         if rank > 0:
             self.lora_A = nn.Parameter(torch.empty(rank, self.in_features))

@@ -56,7 +56,14 @@ class Method(ABC):
 
 
 class FineGates(Method):
-    """Row/column gates (+ optional LoRA inside the gates), see :mod:`finegates.gates`."""
+    """Row/column gates (+ optional LoRA inside the gates), see :mod:`finegates.gates`.
+
+    The run has up to two phases. Pruning (steps ``[0, recovery_start)``): the penalty acts; with the
+    default controller the expected sparsity follows a target that ramps from 0 to ``target_sparsity``
+    over ``warmup_frac`` of the steps, so a target means the same at any run length. Recovery (the last
+    ``recovery_frac`` of the steps): the gates are pinned (closed units stay closed, open ones stay
+    open), the penalty is off, and the kept weights (gates, biases, LoRA, head) go on training.
+    """
 
     name = "finegates"
     prunes = True
@@ -65,17 +72,28 @@ class FineGates(Method):
         self.controller: gm.SparsityController | None = None
         self.dual_opt: torch.optim.Optimizer | None = None
         self.cfg: TrainConfig | None = None
+        self.model: nn.Module | None = None
+        self.recovery_start: int | None = None  # first step of the recovery phase (None: no recovery)
+        self.pinned_at: int | None = None
+
+    def penalised(self, cfg: "TrainConfig") -> bool:
+        if cfg.penalty == "controller":
+            return cfg.target_sparsity > 0
+        return cfg.lam > 0
 
     def prepare(self, model: nn.Module, cfg: "TrainConfig", total_steps: int,
                 calibration: list[dict] | None = None) -> nn.Module:
-        self.cfg = cfg
-        gm.apply_gates(model, layout=cfg.layout, rank=cfg.rank, lora_alpha=cfg.lora_alpha, train_bias=cfg.train_bias)
-        if cfg.penalty == "controller" and cfg.lam > 0:
+        self.cfg, self.model = cfg, model
+        gm.apply_gates(model, layout=cfg.layout, rank=cfg.rank, lora_alpha=cfg.lora_alpha, train_bias=cfg.train_bias,
+                       gate_init=cfg.gate_init)
+        if cfg.penalty == "controller" and self.penalised(cfg):
             dev = next(model.parameters()).device
             self.controller = gm.SparsityController(cfg.target_sparsity, int(cfg.warmup_frac * total_steps)).to(dev)
             # gradient ascent on the multipliers (CoFi: lr -reg_lr); maximize=True is the same thing
             self.dual_opt = torch.optim.AdamW(self.controller.parameters(), lr=cfg.gate_lr, maximize=True,
                                               weight_decay=0.0)
+        if cfg.recovery_frac > 0 and self.penalised(cfg):
+            self.recovery_start = max(1, int(round((1.0 - cfg.recovery_frac) * total_steps)))
         return model
 
     def param_groups(self, model: nn.Module, cfg: "TrainConfig") -> list[dict]:
@@ -85,10 +103,21 @@ class FineGates(Method):
         return [{"params": gates, "lr": cfg.gate_lr, "weight_decay": 0.0},
                 {"params": others, "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
 
+    def in_recovery(self, step: int) -> bool:
+        return self.recovery_start is not None and step >= self.recovery_start
+
     def regularizer(self, model: nn.Module, step: int) -> torch.Tensor | None:
         cfg = self.cfg
         assert cfg is not None
-        if cfg.lam == 0:
+        if self.in_recovery(step):
+            if self.pinned_at is None:
+                for g in gm.all_gates(model):
+                    g.pin()
+                self.pinned_at = step
+                log.info("recovery from step %d: structure pinned at gate sparsity %.3f", step,
+                         gm.gate_sparsity(model))
+            return None
+        if not self.penalised(cfg):
             return None
         if cfg.penalty == "paper":
             return cfg.lam * gm.penalty_paper(model)
@@ -98,9 +127,12 @@ class FineGates(Method):
         return self.controller(gm.expected_sparsity(model), step)
 
     def after_step(self) -> None:
-        if self.dual_opt is not None:
+        if self.dual_opt is not None and self.pinned_at is None:
             self.dual_opt.step()
             self.dual_opt.zero_grad(set_to_none=True)
+        if self.pinned_at is not None and self.model is not None:
+            for g in gm.all_gates(self.model):
+                g.keep_open_()
 
     def metrics(self, model: nn.Module) -> dict[str, float]:
         with torch.no_grad():
@@ -110,6 +142,8 @@ class FineGates(Method):
             out["gate_mu_mean"] = float(mus.mean())
         if self.controller is not None:
             out["lagrange_l1"] = float(self.controller.l1)
+        if self.pinned_at is not None:
+            out["pinned_at_step"] = self.pinned_at
         return out
 
 

@@ -110,6 +110,33 @@ def _collator(tokenizer):
 
 
 @torch.no_grad()
+def logits_of(model: nn.Module, rows: list[dict], collate, batch_size: int,
+              device: torch.device | str = "cpu") -> np.ndarray:
+    """Logits of ``model`` on ``rows``, in order: (len(rows), num_labels)."""
+    model.eval().to(device)
+    out = []
+    for i in range(0, len(rows), batch_size):
+        batch = collate([{k: v for k, v in r.items() if k not in ("labels", "teacher_logits")}
+                         for r in rows[i:i + batch_size]])
+        out.append(model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def _with_teacher_logits(collate):
+    """Collate rows that may carry ``teacher_logits``: those are stacked, not padded."""
+
+    def fn(rows: list[dict]) -> dict:
+        if "teacher_logits" not in rows[0]:
+            return collate(rows)
+        t = torch.tensor(np.stack([r["teacher_logits"] for r in rows]))
+        batch = collate([{k: v for k, v in r.items() if k != "teacher_logits"} for r in rows])
+        batch["teacher_logits"] = t
+        return batch
+
+    return fn
+
+
+@torch.no_grad()
 def predict(model: nn.Module, loader, device: torch.device, regression: bool) -> tuple[np.ndarray, np.ndarray]:
     model.eval()
     preds, labels = [], []
@@ -143,8 +170,17 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool 
                           seed=cfg.seed, max_length=cfg.max_length)
     params_base, _ = count_parameters(model)
     collate = _collator(tokenizer)
+    teacher = None
+    if cfg.teacher != "none":  # cached per task and data; trained here (under a lock) if missing
+        from finegates.distill import get_teacher
+
+        teacher = get_teacher(cfg, model_path, data.train, collate)
+        data.train = [r | {"teacher_logits": t} for r, t in zip(data.train, teacher.train_logits)]
+        t_start = time.perf_counter()
+    seed_everything(cfg.seed)  # training draws do not depend on whether (or how) a teacher was obtained
     gen = torch.Generator().manual_seed(cfg.seed)
-    train_loader = DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, generator=gen)
+    train_loader = DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True,
+                              collate_fn=_with_teacher_logits(collate), generator=gen)
     eval_loader = DataLoader(data.eval, batch_size=max(cfg.batch_size, 64), shuffle=False, collate_fn=collate)
     steps_per_epoch = len(train_loader)
     total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
@@ -175,8 +211,14 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool 
         for batch in train_loader:
             if step >= total_steps:
                 break
+            teacher_logits = batch.pop("teacher_logits", None)
             out = model(**batch)
             loss = out.loss
+            if teacher_logits is not None:
+                from finegates.distill import distill_loss
+
+                kd = distill_loss(out.logits, teacher_logits, cfg.distill_temperature, task.is_regression)
+                loss = (1.0 - cfg.distill_alpha) * loss + cfg.distill_alpha * kd
             reg = method.regularizer(acc.unwrap_model(model), step)
             total = loss if reg is None else loss + reg
             if not torch.isfinite(total):
@@ -231,6 +273,9 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool 
         "train_time_s": train_time, "device": str(device), "precision": precision,
         "layers": compressed.config.layers, "history": history, "config": cfg.to_dict(),
     }
+    if teacher is not None:
+        result.update({"teacher_path": str(teacher.path), "teacher_score": teacher.info["score"],
+                       "teacher_train_time_s": teacher.info["train_time_s"], "teacher_reused": teacher.reused})
     result.update({k: v for k, v in history[-1].items() if k in ("gate_sparsity", "expected_sparsity")})
     result.setdefault("gate_sparsity", 0.0)  # methods without gates
     if cfg.output_dir:
@@ -261,15 +306,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default=d.task, help="GLUE task: cola sst2 mrpc stsb qqp mnli qnli rte wnli")
     p.add_argument("--model", default=None, help="HF model dir or hub id; default: the embedded all-MiniLM-L6-v2")
     p.add_argument("--method", default=d.method, choices=METHOD_NAMES)
-    p.add_argument("--lambda", dest="lam", type=float, default=d.lam, help="sparsity weight (0: dense reference)")
-    p.add_argument("--penalty", default=d.penalty, help="paper (lambda*mean P(open)), code (target matching), "
-                   "controller (CoFi Lagrangian to --target-sparsity)")
-    p.add_argument("--target-sparsity", type=float, default=d.target_sparsity)
+    p.add_argument("--penalty", default=d.penalty, help="controller (CoFi Lagrangian to --target-sparsity), "
+                   "paper (lambda*mean P(open)), code (official target matching, weight lambda)")
+    p.add_argument("--target-sparsity", type=float, default=d.target_sparsity,
+                   help="controller: fraction of the gated weights to remove (0: dense reference, no penalty)")
+    p.add_argument("--lambda", dest="lam", type=float, default=d.lam,
+                   help="paper/code penalty weight (0: no penalty); the controller ignores it")
     p.add_argument("--layout", default=d.layout, help="coupled (one gate per removable unit) or independent (paper)")
+    p.add_argument("--gate-init", default=d.gate_init, help="edge (mu+0.5=1: task gradient from step 0) or "
+                   "saturated (official code: mu+0.5~1.26, above the clamp)")
     p.add_argument("--rank", type=int, default=d.rank, help="LoRA rank inside the gates (0: gates only); lora: r")
     p.add_argument("--lr", type=float, default=d.lr, help="learning rate of head/LoRA/biases")
     p.add_argument("--gate-lr", type=float, default=d.gate_lr, help="learning rate of the gates")
     p.add_argument("--warmup-frac", type=float, default=d.warmup_frac, help="controller target ramp, fraction of steps")
+    p.add_argument("--recovery-frac", type=float, default=d.recovery_frac,
+                   help="last fraction of steps with the pruned structure fixed and the kept weights training")
+    p.add_argument("--teacher", default=d.teacher, help="distil from a dense teacher finetuned on the same data: "
+                   "none, lora, full (trained once, cached in --teacher-cache)")
+    p.add_argument("--distill-alpha", type=float, default=d.distill_alpha, help="weight of the distillation loss")
+    p.add_argument("--distill-temperature", type=float, default=d.distill_temperature)
+    p.add_argument("--teacher-lr", type=float, default=None, help="teacher learning rate (default: lora 1e-3, full 5e-5)")
+    p.add_argument("--teacher-cache", default=None,
+                   help="teacher cache dir (default: $FINEGATES_TEACHER_CACHE or ~/.cache/finegates/teachers)")
     p.add_argument("--epochs", type=float, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--max-length", type=int, default=d.max_length)

@@ -1,5 +1,5 @@
 """The sweep: finetune and compress every task with FineGates (and the other methods) in one Ray Tune
-run, Optuna searching lambda, learning rate and LoRA rank per task, MLflow recording every trial;
+run, Optuna searching target sparsity, learning rate and LoRA rank per task, MLflow recording every trial;
 then select, per task and budget, the best compressed model.
 
     python -m tune.run --tasks glue --budget 0.02              # local Ray, embedded MiniLM, local MLflow
@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from finegates.methods import METHOD_NAMES
 from tune.select import UsageError
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--budget", default="0.02", help="accuracy budget(s), comma list in [0, 1]; one selection each (default: 0.02)")
     a("--budget-mode", default="relative", choices=["relative", "absolute"], help="default: relative")
     a("--select-by", default="sparsity", choices=["sparsity", "latency"], help="default: sparsity")
-    a("--methods", default="finegates", help="comma list of: finegates, lora, full (default: finegates)")
+    a("--methods", default="finegates", help="comma list of: " + ", ".join(METHOD_NAMES) + " (default: finegates)")
     a("--model", default=None, help="HF model dir or hub id (default: the embedded all-MiniLM-L6-v2)")
     a("--trials-per-task", type=int, default=None, help="trials per task and method, reference included "
       "(default: 3 cpu, 12 gpu, 2 smoke)")
@@ -78,7 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--batch-size", type=int, default=16, help="default: 16")
     a("--max-length", type=int, default=None, help="max tokens per example (default: 128)")
     a("--gate-lr", type=float, default=None, help="gate learning rate (default: finegates' default)")
-    a("--search-space", default=None, help='JSON overrides of search ranges, e.g. \'{"lam": [0.01, 10], '
+    a("--teacher", default=None, choices=["none", "lora", "full"], help="distil every trial from a dense teacher "
+      "finetuned on the task's data, trained once per task (and node) and cached in <out>/teachers "
+      "(default: finegates' default)")
+    a("--search-space", default=None, help='JSON overrides of search ranges, e.g. \'{"target_sparsity": [0.2, 0.6], '
       '"rank": {"choices": [0, 8]}}\' (log-uniform [low, high] or categorical choices)')
     a("--max-failures", type=int, default=1, help="retries of a trial whose worker died (default: 1)")
     a("--verbose", type=int, default=1, help="Ray Tune verbosity 0-3 (default: 1)")
@@ -141,7 +145,7 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
         v = _opt_int(name.replace("_", "-"), getattr(args, name))
         if v != "default":
             sizes[name] = v
-    for name in ("epochs", "max_length", "gate_lr"):
+    for name in ("epochs", "max_length", "gate_lr", "teacher"):
         if getattr(args, name) is not None:
             sizes[name] = getattr(args, name)
     train = dict(model=model, data_dir=str(data_dir) if data_dir else None, batch_size=args.batch_size,
@@ -159,7 +163,7 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
             assert isinstance(space_spec, dict)
         except (ValueError, AssertionError):
             raise UsageError(f"--search-space {args.search_space!r} is not a JSON object; accepted: "
-                             '\'{"lam": [0.01, 10], "rank": {"choices": [0, 8]}}\'') from None
+                             '\'{"target_sparsity": [0.2, 0.6], "rank": {"choices": [0, 8]}}\'') from None
     from tune.space import get_space, override
 
     try:
@@ -169,6 +173,7 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     experiment = args.experiment or ("finegates-smoke" if args.smoke_test else
                                      "finegates-" + ("glue" if args.tasks == "glue" else "-".join(tasks)))
     out = Path(args.out).resolve() if args.out else Path("runs", experiment).resolve()
+    train["teacher_cache"] = str(out / "teachers")
     return dict(tasks=tasks, budgets=budgets, methods=methods, trials=trials, cpus=cpus, storage=storage, uri=uri,
                 train=train, experiment=experiment, out=out, scale=scale, spaces=spaces)
 

@@ -1,8 +1,10 @@
 """Search spaces per method, as Optuna distributions, and each method's reference trial.
 
-FineGates searches lambda (log scale down to very small values), the learning rate of the head and
-LoRA (log scale) and the LoRA rank inside the gates (0 = gates only) jointly. Its reference trial is
-the dense one (lambda = 0). Ranges come from the measurements in docs/GATE_DEFAULTS.md.
+FineGates searches the sparsity it is asked to reach (``target_sparsity``, the controller's target: the
+same value gives the same exported sparsity at any training length, which a penalty weight does not), the
+learning rate of the head and LoRA (log scale) and the LoRA rank inside the gates (0 = gates only) jointly.
+Its reference trial is the dense one (target 0: gates and the rest train, no penalty). Ranges come from
+the measurements in docs/GATE_DEFAULTS.md and docs/COMPRESSION.md.
 """
 from __future__ import annotations
 
@@ -40,17 +42,17 @@ class SearchSpace:
 SPACES: dict[str, SearchSpace] = {
     "finegates": SearchSpace(
         "finegates",
-        {"lam": FloatDistribution(1e-4, 20.0, log=True), "lr": FloatDistribution(3e-4, 1e-2, log=True),
+        {"target_sparsity": FloatDistribution(0.1, 0.8), "lr": FloatDistribution(3e-4, 1e-2, log=True),
          "rank": CategoricalDistribution([0, 4, 8])},
-        reference={"lam": 0.0, "lr": 2e-3, "rank": 0},
-        reference_name="dense reference (lambda = 0)",
+        reference={"target_sparsity": 0.0, "lr": 2e-3, "rank": 0},
+        reference_name="dense reference (target sparsity 0)",
     ),
     "finegates-lora": SearchSpace(
         "finegates-lora",
-        {"lam": FloatDistribution(1e-4, 20.0, log=True), "lr": FloatDistribution(3e-4, 1e-2, log=True),
+        {"target_sparsity": FloatDistribution(0.1, 0.8), "lr": FloatDistribution(3e-4, 3e-3, log=True),
          "rank": CategoricalDistribution([4, 8, 16])},
-        reference={"lam": 0.0, "lr": 2e-3, "rank": 8},
-        reference_name="dense reference with LoRA r=8 inside the gates (lambda = 0)",
+        reference={"target_sparsity": 0.0, "lr": 1e-3, "rank": 8},
+        reference_name="dense reference with LoRA r=8 inside the gates (target sparsity 0)",
     ),
     "gift-sw": SearchSpace(
         "gift-sw",
@@ -86,7 +88,8 @@ SPACES: dict[str, SearchSpace] = {
 
 
 def override(space: SearchSpace, spec: dict[str, Any]) -> SearchSpace:
-    """Replace ranges: ``{"lr": [1e-4, 1e-3]}`` (log-uniform) or ``{"rank": {"choices": [0, 8]}}``.
+    """Replace ranges: ``{"lr": [1e-4, 1e-3]}`` (log-uniform; uniform for ``target_sparsity``) or
+    ``{"rank": {"choices": [0, 8]}}``.
 
     Unknown names are ignored for this method (they may belong to another method's space).
     """
@@ -100,7 +103,9 @@ def override(space: SearchSpace, spec: dict[str, Any]) -> SearchSpace:
             lo, hi = float(value[0]), float(value[1])
             if not 0 < lo <= hi:
                 raise ValueError(f"search space {name}={value!r} is invalid; accepted: [low, high] with 0 < low <= high")
-            dists[name] = FloatDistribution(lo, hi, log=True)
+            if name == "target_sparsity" and not hi < 1:
+                raise ValueError(f"search space {name}={value!r} is invalid; accepted: [low, high] with 0 < low <= high < 1")
+            dists[name] = FloatDistribution(lo, hi, log=name != "target_sparsity")
         else:
             raise ValueError(f"search space {name}={value!r} is invalid; accepted: [low, high] or {{\"choices\": [...]}}")
     return SearchSpace(space.method, dists, space.reference, space.reference_name, space.fixed)

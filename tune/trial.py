@@ -33,6 +33,10 @@ def trial_config(config: dict[str, Any], fixed: dict[str, Any], output_dir: str)
         else:
             extra[k] = v
     kw["output_dir"] = output_dir
+    from finegates.methods import get_method
+
+    if not get_method(kw.get("method", "finegates")).prunes:
+        kw["teacher"] = "none"  # distillation is part of compressing; the dense baselines train as published
     return TrainConfig(**kw, extra=extra)
 
 
@@ -48,8 +52,10 @@ def trial_fn(config: dict[str, Any], fixed: dict[str, Any]) -> None:
     tracker = Tracker(fixed["mlflow_uri"], experiment_id=fixed["experiment_id"])
     task, method = config["task"], config["method"]
     out = Path(fixed["models_dir"]) / task / trial_id
-    params = {k: v for k, v in config.items() if not k.startswith("_")} | {"lam": config.get("lam", 0.0)} | {
-        k: v for k, v in fixed["train"].items() if k not in ("data_dir",)}
+    cfg = trial_config(config, fixed, str(out))
+    # the trial's whole effective configuration (searched values, sweep settings, defaults): MLflow params
+    params = {k: v for k, v in config.items() if not k.startswith("_")} | {
+        k: v for k, v in cfg.to_dict().items() if k not in ("data_dir", "output_dir", "extra")} | cfg.extra
     run_id = tracker.trial_run(fixed["sweep"], fixed["parents"][task], trial_id, task, method, params)
 
     def on_epoch(rep: EpochReport) -> None:
@@ -62,7 +68,6 @@ def trial_fn(config: dict[str, Any], fixed: dict[str, Any]) -> None:
                         checkpoint=tune.Checkpoint.from_directory(d))
 
     try:
-        cfg = trial_config(config, fixed, str(out))
         result = run(cfg, on_epoch=on_epoch)
         tracker.finish_trial(run_id, result, result.get("model_path"))
     except BaseException as e:

@@ -12,7 +12,14 @@ CASES = [
     (["--lr", "0"], "lr=0.0 is invalid; accepted: a finite number > 0"),
     (["--rank", "-2"], "rank=-2 is invalid; accepted: an integer >= 0"),
     (["--model", "/nonexistent/model"], "model path '/nonexistent/model' does not exist"),
-    (["--penalty", "l2"], "penalty='l2' is invalid; accepted: paper, code, controller"),
+    (["--penalty", "l2"], "penalty='l2' is invalid; accepted: controller, paper, code"),
+    (["--target-sparsity", "1.5"], "target_sparsity=1.5 is invalid; accepted: a number in [0, 1)"),
+    (["--target-sparsity", "nan"], "target_sparsity=nan is invalid; accepted: a number in [0, 1)"),
+    (["--gate-init", "open"], "gate_init='open' is invalid; accepted: edge, saturated"),
+    (["--recovery-frac", "-0.1"], "recovery_frac=-0.1 is invalid; accepted: a number in [0, 1]"),
+    (["--warmup-frac", "0.8", "--recovery-frac", "0.5"], "warmup_frac + recovery_frac=1.3 is invalid; accepted: at most 1"),
+    (["--teacher", "bert"], "teacher='bert' is invalid; accepted: none, lora, full"),
+    (["--distill-alpha", "2"], "distill_alpha=2.0 is invalid; accepted: a number in [0, 1]"),
 ]
 
 

@@ -10,9 +10,9 @@ from finegates.gated_model import (SparsityController, apply_gates, count_parame
 from finegates.gates import Gate, GatedLinear
 
 
-def test_init_matches_the_official_code():
+def test_saturated_init_matches_the_official_code():
     torch.manual_seed(0)
-    g = Gate(20000)
+    g = Gate(20000, init="saturated")
     assert g.theta.mean().item() == pytest.approx(1.0, abs=0.01)
     assert g.theta.std().item() == pytest.approx(0.1, abs=0.01)
     assert g.mu.mean().item() == pytest.approx(math.tanh(1.0), abs=0.01)  # ~0.76: gate fully open
@@ -50,10 +50,54 @@ def test_p_open_value_and_gradient():
     assert torch.allclose(g.theta.grad, torch.tensor(expected, dtype=torch.float32), atol=1e-5)
 
 
+def test_edge_init_is_open_and_exact_and_bad_init_is_named():
+    g = Gate(1000)
+    g.eval()
+    assert torch.all(g() == 1.0)  # the model starts as the pretrained one
+    assert torch.allclose(g.mu + 0.5, torch.ones(1000), atol=1e-4)
+    with pytest.raises(ValueError, match="gate init 'open' is invalid; accepted: edge, saturated"):
+        Gate(3, init="open")
+
+
+def test_edge_gates_get_a_task_gradient_at_step_zero():
+    """Liveness: with no penalty at all, a training forward pass gives most gates a task gradient."""
+    torch.manual_seed(0)
+    grads = {}
+    for init in ("edge", "saturated"):
+        gl = GatedLinear(nn.Linear(64, 64), gate_init=init)
+        gl.train()
+        gl(torch.randn(8, 64)).pow(2).sum().backward()
+        grads[init] = torch.cat([gl.row_gate.theta.grad, gl.col_gate.theta.grad])
+    live = (grads["edge"] != 0).float().mean().item()
+    assert 0.3 < live < 0.7, live  # the draws below the clamp: about half
+    assert (grads["saturated"] != 0).float().mean().item() < 0.05  # the official init: above the clamp
+
+
+def test_pinned_gates_keep_their_structure_while_training():
+    torch.manual_seed(0)
+    gl = GatedLinear(nn.Linear(16, 16), row=True, col=False)
+    with torch.no_grad():
+        gl.row_gate.theta[:5] = -3.0  # closed
+        gl.row_gate.theta[5:8] = -0.5  # open, close to closing
+    closed_before = gl.row_gate.closed().clone()
+    gl.row_gate.pin()
+    opt = torch.optim.SGD(gl.parameters(), lr=5.0)
+    gl.train()
+    for sign in (1.0, -1.0):  # push every gate up, then down hard
+        for _ in range(20):
+            (sign * -gl(torch.randn(4, 16)).abs().sum()).backward()
+            opt.step()
+            opt.zero_grad()
+            gl.row_gate.keep_open_()
+        assert torch.equal(gl.row_gate.closed(), closed_before)
+        assert torch.all(gl(torch.randn(3, 16))[:, :5] == 0)  # closed rows output exactly 0, even in training
+        assert torch.all(gl.row_gate.eval_values()[5:] >= 0.05 - 1e-6)
+
+
 def test_clamped_open_gate_gets_no_task_gradient():
     """The reason the official defaults are slow: at init the gate sits above the clamp."""
     torch.manual_seed(0)
-    gl = GatedLinear(nn.Linear(4, 3))
+    gl = GatedLinear(nn.Linear(4, 3), gate_init="saturated")
     gl.eval()
     gl(torch.randn(2, 4)).sum().backward()
     assert torch.all(gl.row_gate.theta.grad == 0) and torch.all(gl.col_gate.theta.grad == 0)

@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 from tests.tune.conftest import run_cli
 from tune.pareto import Point, select
 
-REQUIRED_PARAMS = {"task", "method", "lam", "lr", "rank", "reference", "max_train", "epochs"}
+REQUIRED_PARAMS = {"task", "method", "target_sparsity", "lr", "rank", "reference", "max_train", "epochs", "teacher"}
 REQUIRED_METRICS = {"score", "sparsity", "gate_sparsity", "params_total", "params_trainable", "latency_ms",
                     "dense_latency_ms", "speedup"}
 
@@ -23,8 +23,8 @@ def sweep(loopback_only, glue_dir, tmp_path_factory):
         "--smoke-test", "--tasks", "sst2,rte", "--trials-per-task", "3", "--budget", "0.02,0.5",
         "--mlflow-uri", uri, "--storage", str(d / "ray"), "--out", str(d / "out"), "--experiment", "e2e",
         "--data-dir", str(glue_dir), "--verbose", "0",
-        # a larger lambda range than the default so that gates close even in a 1-epoch smoke trial
-        "--search-space", '{"lam": [5, 50]}', "--gate-lr", "0.2"], cwd=d)
+        # high targets and a fast gate lr so that gates close even in a 4-step smoke trial
+        "--search-space", '{"target_sparsity": [0.6, 0.9]}', "--gate-lr", "0.5"], cwd=d)
     assert code == 0, err[-4000:]
     return d, uri, out
 
@@ -48,7 +48,7 @@ def test_one_finished_child_run_per_trial_with_params_and_metrics(sweep):
             assert r.data.tags["mlflow.parentRunId"]
             assert c.get_metric_history(r.info.run_id, "score")  # per-epoch + final
     assert sum(r.data.params["reference"] == "True" for r in runs) == 2  # one dense reference per task
-    assert all(float(r.data.params["lam"]) == 0 for r in runs if r.data.params["reference"] == "True")
+    assert all(float(r.data.params["target_sparsity"]) == 0 for r in runs if r.data.params["reference"] == "True")
 
 
 def test_parent_runs_hold_plots_and_are_finished(sweep):

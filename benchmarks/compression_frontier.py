@@ -1,0 +1,213 @@
+"""Accuracy vs exported sparsity: full finetuning, LoRA and FineGates at several sparsities (docs/COMPRESSION.md).
+
+    python benchmarks/compression_frontier.py --protocol cpu --jsonl runs/frontier-cpu.jsonl      # ~90 min, 2 cores
+    python benchmarks/compression_frontier.py --protocol gpu --jsonl $OUT/frontier-gpu.jsonl      # one H100/H200
+    python benchmarks/compression_frontier.py --jsonl runs/frontier-cpu.jsonl --table-only
+    python benchmarks/compression_frontier.py --smoke-test                                        # ~2 min
+
+Every run is one ``python -m finegates.train`` process; ``--jobs`` of them run at once (on a GPU they share
+it). Each finished run is appended to the JSONL at once, so a stopped benchmark resumes where it was
+(rows remember their settings; rows of other settings are ignored). Teachers (``--teacher``) are trained
+once per task and cached (finegates/distill.py); their training time is shown, and amortised over the
+rows of the task that used them.
+
+Protocols (the issue's):
+  gpu: sst2 mrpc rte stsb cola qnli mnli; up to 10,000 train examples, 3 epochs, batch 32, length 128,
+       whole validation sets, bf16 autocast; 6 processes on the one GPU.
+  cpu: sst2 mrpc stsb qnli; 2,000 train examples, 3 epochs, batch 32, length 128, whole validation sets;
+       2 single-threaded processes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+# name -> finegates.train flags. fg-<t>: FineGates, controller to t% removed, recovery, distillation as given.
+CONFIGS: dict[str, list[str]] = {
+    "full": ["--method", "full", "--lr", "5e-5"],
+    "lora": ["--method", "lora", "--rank", "8", "--lr", "1e-3"],
+    "fg-old-0": ["--gate-init", "saturated", "--penalty", "paper", "--lambda", "0", "--recovery-frac", "0"],
+    "fg-0": ["--target-sparsity", "0"],
+    "fg-0-glr1e-2": ["--target-sparsity", "0", "--gate-lr", "1e-2"],
+    "fg-0-kd": ["--target-sparsity", "0", "--teacher", "lora"],
+    "fg-40": ["--target-sparsity", "0.4"],
+    "fg-40-kd": ["--target-sparsity", "0.4", "--teacher", "lora"],
+    "fg-60-kd": ["--target-sparsity", "0.6", "--teacher", "lora"],
+    "fgl-0-kd": ["--method", "finegates-lora", "--target-sparsity", "0", "--teacher", "lora", "--lr", "1e-3"],
+    "fgl-40-kd": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "lora", "--lr", "1e-3"],
+    "fgl-60-kd": ["--method", "finegates-lora", "--target-sparsity", "0.6", "--teacher", "lora", "--lr", "1e-3"],
+}
+PROTOCOLS = {
+    "gpu": dict(tasks="sst2,mrpc,rte,stsb,cola,qnli,mnli", max_train=10000, epochs=3, batch_size=32, max_length=128,
+                jobs=6, threads=2, configs="full,lora,fg-0,fg-0-kd,fg-40-kd,fg-60-kd,fgl-40-kd,fgl-60-kd"),
+    "cpu": dict(tasks="sst2,mrpc,stsb,qnli", max_train=2000, epochs=3, batch_size=32, max_length=128,
+                jobs=2, threads=1, configs="lora,fg-0-kd,fg-40-kd,fgl-40-kd,fg-60-kd,full"),
+    "smoke": dict(tasks="sst2,stsb", max_train=64, epochs=1, batch_size=16, max_length=48,
+                  jobs=2, threads=1, configs="lora,fg-0,fg-40-kd"),
+}
+
+
+def settings(a: argparse.Namespace) -> dict:
+    return {"max_train": a.max_train, "max_eval": a.max_eval, "epochs": a.epochs, "batch_size": a.batch_size,
+            "max_length": a.max_length}
+
+
+def load(path: Path, setting: dict) -> list[dict]:
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    return [r for r in rows if all(r.get(k) == v for k, v in setting.items())]
+
+
+def one_run(a: argparse.Namespace, task: str, name: str, seed: int, cache: str) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-m", "finegates.train", "--task", task, "--seed", str(seed), "--no-progress",
+               "--max-train", str(a.max_train), "--max-eval", str(a.max_eval or "all"), "--epochs", str(a.epochs),
+               "--batch-size", str(a.batch_size), "--max-length", str(a.max_length), "--threads", str(a.threads),
+               "--latency-repeats", "3", "--teacher-cache", cache, "--output-dir", out, *CONFIGS[name]]
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if p.returncode != 0:
+            return {"task": task, "config": name, "seed": seed, "error": p.stderr.strip().splitlines()[-1:]}
+        r = json.loads(p.stdout)
+    keep = ("score", "sparsity", "speedup", "params_trainable", "train_time_s", "n_train", "n_eval", "device",
+            "precision", "teacher_score", "teacher_train_time_s", "teacher_reused", "gate_sparsity")
+    return {"task": task, "config": name, "seed": seed, "wall_s": wall, **{k: r.get(k) for k in keep}}
+
+
+def run_all(a: argparse.Namespace, out: Path) -> None:
+    setting = settings(a)
+    done = {(r["task"], r["config"], r["seed"]) for r in load(out, setting) if "error" not in r}
+    configs = [c for c in a.configs.split(",") if c]
+    jobs = [(t, c, s) for s in a.seeds for c in configs for t in a.tasks.split(",") if (t, c, s) not in done]
+    # a task's first teacher-using run trains its teacher: start those first, one per task, so that the
+    # other runs of the task find it cached instead of waiting on its lock
+    first_kd = {}
+    for j in jobs:
+        if "--teacher" in CONFIGS[j[1]] and j[0] not in first_kd:
+            first_kd[j[0]] = j
+    jobs = list(first_kd.values()) + [j for j in jobs if j not in first_kd.values()]
+    cache = str(Path(a.teacher_cache).resolve())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"{len(jobs)} runs, {a.jobs} at a time -> {out}", flush=True)
+
+    def go(job):
+        row = one_run(a, *job, cache) | setting
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps({k: row.get(k) for k in ("task", "config", "seed", "score", "sparsity", "wall_s", "error")}),
+              flush=True)
+
+    with ThreadPoolExecutor(a.jobs) as ex:
+        list(ex.map(go, jobs))
+
+
+def _fmt(xs: list[float], pct: bool = False) -> str:
+    if not xs:
+        return "-"
+    m = statistics.mean(xs)
+    s = f"{100 * m:.0f}%" if pct else f"{m:.3f}"
+    if len(xs) > 1 and not pct:
+        s += f" ± {statistics.stdev(xs):.3f}"
+    return s
+
+
+def table(rows: list[dict], configs: list[str], tasks: list[str]) -> str:
+    ok = [r for r in rows if "error" not in r]
+    by = defaultdict(list)
+    for r in ok:
+        by[(r["config"], r["task"])].append(r)
+    # teacher cost per task: the run that trained it, amortised over that task's teacher-using rows
+    teacher_time = {r["task"]: r["teacher_train_time_s"] for r in ok if r.get("teacher_reused") is False}
+    kd_rows = defaultdict(int)
+    for r in ok:
+        if r.get("teacher_train_time_s") is not None:
+            kd_rows[r["task"]] += 1
+    head = "| config | " + " | ".join(tasks) + " | mean score | mean sparsity | train s / run (+ teacher share) |"
+    lines = [head, "|" + "---|" * (len(tasks) + 4)]
+    for c in configs:
+        cells, means, sps, times = [], [], [], []
+        for t in tasks:
+            rs = by.get((c, t), [])
+            cells.append(f"{_fmt([r['score'] for r in rs])} / {_fmt([r['sparsity'] for r in rs], pct=True)}"
+                         if rs else "-")
+            if rs:
+                means.append(statistics.mean(r["score"] for r in rs))
+                sps.append(statistics.mean(r["sparsity"] for r in rs))
+                share = teacher_time.get(t, 0.0) / kd_rows[t] if rs[0].get("teacher_train_time_s") else 0.0
+                times += [r["train_time_s"] + share for r in rs]
+        complete = len(means) == len(tasks)
+        lines.append(f"| {c} | " + " | ".join(cells) + f" | {statistics.mean(means):.3f}{'' if complete else ' (partial)'}"
+                     f" | {100 * statistics.mean(sps):.0f}% | {statistics.mean(times):.0f} |" if means else
+                     f"| {c} | " + " | ".join(cells) + " | - | - | - |")
+    if teacher_time:
+        lines.append("")
+        lines.append("Teachers (LoRA r8, lr 1e-3, same data): " + ", ".join(
+            f"{t} {next(r['teacher_score'] for r in ok if r['task'] == t and r.get('teacher_score') is not None):.3f}"
+            f" in {s:.0f} s (shared by {kd_rows[t]} runs)" for t, s in sorted(teacher_time.items())))
+    devices = sorted({f"{r.get('device')} {r.get('precision')}" for r in ok})
+    lines.append(f"\nscore / exported sparsity; mean ± std over seeds where there are several; devices: {', '.join(devices)}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--protocol", choices=tuple(PROTOCOLS), default="cpu")
+    p.add_argument("--jsonl", default=None, help="results file (appended, resumable); default runs/frontier-<protocol>.jsonl")
+    p.add_argument("--tasks", default=None)
+    p.add_argument("--configs", default=None, help=f"comma list of: {', '.join(CONFIGS)}")
+    p.add_argument("--seeds", default="1948")
+    p.add_argument("--max-train", type=int, default=None)
+    p.add_argument("--max-eval", type=int, default=None, help="default: whole validation sets")
+    p.add_argument("--epochs", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--jobs", type=int, default=None, help="runs at once")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per run")
+    p.add_argument("--teacher-cache", default="runs/teachers")
+    p.add_argument("--table-only", action="store_true")
+    p.add_argument("--smoke-test", action="store_true", help="the whole pipeline at tiny sizes (~2 min)")
+    a = p.parse_args(argv)
+    if a.smoke_test:
+        a.protocol = "smoke"
+        if a.max_eval is None:
+            a.max_eval = 64
+    for k, v in PROTOCOLS[a.protocol].items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    bad = [c for c in a.configs.split(",") if c and c not in CONFIGS]
+    if bad:
+        print(f"error: unknown config(s) {', '.join(bad)}; accepted: {', '.join(CONFIGS)}", file=sys.stderr)
+        return 2
+    try:
+        a.seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+    except ValueError:
+        print(f"error: --seeds {a.seeds!r} is invalid; accepted: comma-separated integers", file=sys.stderr)
+        return 2
+    out = Path(a.jsonl or (tempfile.mkdtemp() + "/smoke.jsonl" if a.smoke_test else f"runs/frontier-{a.protocol}.jsonl"))
+    if a.smoke_test:
+        a.teacher_cache = str(out.parent / "teachers")
+    if not a.table_only:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        run_all(a, out)
+    rows = load(out, settings(a))
+    if not rows:
+        print(f"error: no rows with these settings in {out}", file=sys.stderr)
+        return 1
+    print(table(rows, [c for c in a.configs.split(",") if c], a.tasks.split(",")))
+    errors = [r for r in rows if "error" in r]
+    for r in errors:
+        print(f"failed: {r['task']} {r['config']} seed {r['seed']}: {r['error']}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Distillation from a dense teacher: train it once per task and data, cache it, reuse it.
+
+A teacher is a dense finetune (``lora`` or ``full``) of the same base model on the same training subset
+(same task, examples, length, epochs, seed) as the student. It is trained by the same
+:func:`finegates.train.run` a student runs, once; its logits on every training example are stored beside
+it, so a student pays no teacher forward pass: the distillation target of a batch is a lookup.
+
+Cache layout (``<root>/<key>/``): ``teacher.json`` (what it is, its score, its training time),
+``train_logits.npy`` (n_train x num_labels, float32, in the order of the student's training data),
+``model/`` (the exported teacher). ``key`` hashes everything that changes the teacher. Concurrent trials of
+one task (a sweep) take a file lock: one trains, the others wait and then reuse it.
+
+Loss (Hinton et al. 2015): classification ``T^2 KL(softmax(t / T) || softmax(s / T))``; regression
+``MSE(s, t)``. The student minimises ``(1 - alpha) task + alpha distillation``.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from finegates.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+TEACHER_LR = {"lora": 1e-3, "full": 5e-5}
+TEACHER_RANK = {"lora": 8, "full": 0}
+
+
+@dataclass
+class Teacher:
+    path: Path
+    train_logits: np.ndarray  # (n_train, num_labels)
+    info: dict[str, Any]  # teacher.json
+    reused: bool  # True when this call found it in the cache
+
+
+def cache_root(cfg: "TrainConfig") -> Path:
+    root = cfg.teacher_cache or os.environ.get("FINEGATES_TEACHER_CACHE") or "~/.cache/finegates/teachers"
+    return Path(root).expanduser().resolve()
+
+
+def teacher_config(cfg: "TrainConfig") -> "TrainConfig":
+    """The teacher's own training run: the student's task, model, data and schedule, dense method."""
+    return replace(cfg, method=cfg.teacher, teacher="none", rank=TEACHER_RANK[cfg.teacher],
+                   lr=cfg.teacher_lr or TEACHER_LR[cfg.teacher], lora_alpha=None, output_dir=None, extra={},
+                   latency_repeats=1, latency_batch=1, latency_length=8)
+
+
+def rows_digest(rows: list[dict]) -> str:
+    """A digest of tokenised training rows (ids, labels, order)."""
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(json.dumps([r["input_ids"], r["labels"]]).encode())
+    return h.hexdigest()
+
+
+def teacher_key(tcfg: "TrainConfig", model_path: str, train_rows: list[dict]) -> str:
+    """Everything that changes the teacher's weights or the order of its logits."""
+    ident = {k: getattr(tcfg, k) for k in ("task", "method", "rank", "lr", "epochs", "batch_size", "max_length",
+                                           "max_train", "seed", "weight_decay", "precision")}
+    ident["model"] = model_path
+    ident["train_rows"] = rows_digest(train_rows)
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _load(d: Path, reused: bool) -> Teacher:
+    info = json.loads((d / "teacher.json").read_text())
+    return Teacher(d, np.load(d / "train_logits.npy"), info, reused)
+
+
+def get_teacher(cfg: "TrainConfig", model_path: str, train_rows: list[dict], collate) -> Teacher:
+    """The cached teacher for this student config, trained first if there is none (under a lock)."""
+    from finegates.train import logits_of, run
+
+    tcfg = teacher_config(cfg)
+    key = teacher_key(tcfg, model_path, train_rows)
+    d = cache_root(cfg) / f"{cfg.task}-{cfg.teacher}-{key}"
+    with _locked(d.parent / f".{d.name}.lock"):
+        if (d / "teacher.json").is_file():
+            log.info("teacher %s: reused", d)
+            return _load(d, reused=True)
+        log.info("teacher %s: training (%s, lr %g)", d, tcfg.method, tcfg.lr)
+        tmp = d.parent / f".{d.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        t0 = time.perf_counter()
+        result = run(replace(tcfg, output_dir=str(tmp)))
+        train_time = time.perf_counter() - t0
+        from finegates.export import load_compressed
+
+        model = load_compressed(tmp / "model")
+        logits = logits_of(model, train_rows, collate, max(tcfg.batch_size, 64))
+        np.save(tmp / "train_logits.npy", logits.astype(np.float32))
+        info = {"key": key, "task": cfg.task, "method": tcfg.method, "lr": tcfg.lr, "rank": tcfg.rank,
+                "epochs": tcfg.epochs, "max_train": tcfg.max_train, "n_train": len(train_rows), "seed": tcfg.seed,
+                "model": model_path, "score": result["score"], "train_time_s": train_time,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        (tmp / "teacher.json").write_text(json.dumps(info, indent=2))
+        os.replace(tmp, d)
+        return _load(d, reused=False)
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, regression: bool) -> torch.Tensor:
+    """student, teacher: (batch, num_labels) logits."""
+    student, teacher = student.float(), teacher.float()
+    if regression:
+        return F.mse_loss(student.view(-1), teacher.view(-1))
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), reduction="batchmean",
+                    log_target=True) * t * t

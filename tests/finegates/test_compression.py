@@ -1,0 +1,85 @@
+"""Issue 9 mechanics on the real MiniLM and real GLUE, at tiny sizes: live gates, the teacher cache,
+distillation wiring, recovery. What they buy in accuracy is measured by benchmarks/compression_frontier.py."""
+import json
+
+import pytest
+import torch
+
+from finegates import TrainConfig
+from finegates import gated_model as gm
+from finegates.distill import distill_loss
+from finegates.train import run
+
+TINY = dict(task="sst2", max_train=48, max_eval=32, epochs=1, batch_size=16, max_length=32, threads=2,
+            latency_repeats=1, latency_batch=1, latency_length=8)
+
+
+def test_distill_loss_values_and_gradient():
+    t = torch.tensor([[2.0, -1.0], [0.5, 0.5]])
+    assert distill_loss(t.clone(), t, 2.0, regression=False).item() == pytest.approx(0.0, abs=1e-6)
+    s = torch.zeros(2, 2, requires_grad=True)
+    distill_loss(s, t, 2.0, regression=False).backward()
+    assert s.grad[0, 0] < 0 < s.grad[0, 1]  # descent moves the student towards the teacher's preference
+    r = distill_loss(torch.tensor([[1.0], [3.0]]), torch.tensor([[0.0], [1.0]]), 2.0, regression=True)
+    assert r.item() == pytest.approx((1 + 4) / 2)
+
+
+def _fraction_scaling(cfg: TrainConfig) -> float:
+    """Fraction of gates whose eval value is below 1 after the run (gates that scale their unit)."""
+    seen = {}
+
+    def on_epoch(rep):
+        vals = torch.cat([g.eval_values().flatten() for g in gm.all_gates(rep.model)])
+        seen["below_one"] = float((vals < 1).float().mean())
+
+    run(cfg, on_epoch=on_epoch)
+    return seen["below_one"]
+
+
+def test_a_no_penalty_run_trains_its_gates_only_with_the_edge_init(glue_dir):
+    edge = _fraction_scaling(TrainConfig(**TINY, data_dir=str(glue_dir), target_sparsity=0.0))
+    # the official init: above the clamp, a gate moves only where the noise put it below 1
+    saturated = _fraction_scaling(TrainConfig(**TINY, data_dir=str(glue_dir), target_sparsity=0.0,
+                                              gate_init="saturated"))
+    assert edge > 0.25, edge  # after 3 steps, a large share of the units is already rescaled
+    assert saturated < 0.01, saturated  # a head + biases finetune in all but name
+
+
+def test_teacher_is_trained_once_and_reused_and_alpha_0_equals_no_teacher(glue_dir, tmp_path):
+    kw = dict(TINY, data_dir=str(glue_dir), target_sparsity=0.0, teacher="lora", teacher_cache=str(tmp_path))
+    first = run(TrainConfig(**kw))
+    assert first["teacher_reused"] is False
+    (tdir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    info = json.loads((tdir / "teacher.json").read_text())
+    assert info["method"] == "lora" and info["n_train"] == 48 and first["teacher_path"] == str(tdir)
+    stamp = (tdir / "train_logits.npy").stat().st_mtime_ns
+    second = run(TrainConfig(**kw | {"lr": 1e-3}))  # another trial of the task: other hyperparameters
+    assert second["teacher_reused"] is True and second["teacher_path"] == str(tdir)
+    assert (tdir / "train_logits.npy").stat().st_mtime_ns == stamp  # no second teacher training
+    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 1
+    # wiring: alpha 0 is exactly the plain run; alpha > 0 changes the training loss
+    plain = run(TrainConfig(**TINY, data_dir=str(glue_dir), target_sparsity=0.0))
+    alpha0 = run(TrainConfig(**kw | {"distill_alpha": 0.0}))
+    assert alpha0["history"][0]["train_loss"] == plain["history"][0]["train_loss"]
+    assert first["history"][0]["train_loss"] != plain["history"][0]["train_loss"]
+    # another training subset is another teacher
+    run(TrainConfig(**kw | {"seed": 7}))
+    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
+
+
+def test_recovery_pins_the_structure_and_export_keeps_it(glue_dir):
+    cfg = TrainConfig(**TINY | {"max_train": 128, "epochs": 2}, data_dir=str(glue_dir), target_sparsity=0.5,
+                      gate_lr=0.2, warmup_frac=0.3, recovery_frac=0.5)
+    state = {}
+
+    def on_epoch(rep):
+        gates = gm.all_gates(rep.model)
+        state["pinned"] = all(g.pinned for g in gates)
+        state["same"] = all(torch.equal(g.closed(), g.pinned_closed) for g in gates)
+        state["closed"] = gm.gate_sparsity(rep.model)
+
+    r = run(cfg, on_epoch=on_epoch)
+    assert r["history"][-1]["pinned_at_step"] == 8  # 16 steps, the last half in recovery
+    assert state["pinned"] and state["same"]  # closed at the pin = closed at the end, no more, no fewer
+    assert state["closed"] > 0 and r["gate_sparsity"] == state["closed"]
+    assert r["sparsity"] > 0 and r["export_max_abs_diff"] <= 1e-4
