@@ -38,7 +38,7 @@ class TrainConfig:
     warmup_frac: float = 0.4  # controller: fraction of steps over which the target ramps up from 0
     recovery_frac: float = 0.3  # last fraction of steps with the structure fixed (0 = none)
     # distillation from a dense teacher finetuned on the same data (trained once, cached)
-    teacher: str = "none"  # none | lora | full
+    teacher: str = "lora"  # lora | full | none (docs/COMPRESSION.md: distillation wins, so it is on)
     distill_alpha: float = 0.5  # loss = (1 - alpha) task + alpha distillation
     distill_temperature: float = 2.0
     teacher_lr: float | None = None  # None: lora 1e-3, full 5e-5

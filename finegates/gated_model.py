@@ -143,12 +143,13 @@ def penalty_code(model: nn.Module, target_sparsity: float) -> torch.Tensor:
     return torch.stack(terms).mean()
 
 
-def _p(gate: Gate | None, size: int, like: torch.Tensor) -> torch.Tensor:
-    return gate.p_open() if gate is not None else like.new_ones(size)
+def _keep(gate: Gate | None, size: int, like: torch.Tensor, keep_fn) -> torch.Tensor:
+    return keep_fn(gate) if gate is not None else like.new_ones(size)
 
 
-def expected_sparsity(model: nn.Module) -> torch.Tensor:
-    """Expected fraction of gated weight parameters that export removes (differentiable).
+def structural_sparsity(model: nn.Module, keep_fn) -> torch.Tensor:
+    """Fraction of gated weight parameters removed when each gate keeps its units with ``keep_fn(gate)``
+    (a probability per unit for the expectation, an indicator for a fixed structure).
 
     Per layer, a Q/K dimension j survives iff Q-row j and K-row j are open; a V/O dimension iff V-row j
     and O-column j; an FFN neuron iff up-row j and down-column j. Each survivor keeps 2 * hidden weights.
@@ -158,16 +159,50 @@ def expected_sparsity(model: nn.Module) -> torch.Tensor:
     for lg in gated_layers(model):
         h = lg.q.in_features
         ref = lg.q.weight
-        pq = _p(lg.q.row_gate, lg.q.out_features, ref)
-        pk = _p(lg.k.row_gate, lg.k.out_features, ref)
-        pv = _p(lg.v.row_gate, lg.v.out_features, ref)
-        po = _p(lg.o.col_gate, lg.o.in_features, ref)
-        pu = _p(lg.up.row_gate, lg.up.out_features, ref)
-        pd = _p(lg.down.col_gate, lg.down.in_features, ref)
+
+        def k(gl: GatedLinear, gate: Gate | None, size: int) -> torch.Tensor:
+            return _keep(gate, size, ref, keep_fn)
+
+        pq, pk = k(lg.q, lg.q.row_gate, lg.q.out_features), k(lg.k, lg.k.row_gate, lg.k.out_features)
+        pv, po = k(lg.v, lg.v.row_gate, lg.v.out_features), k(lg.o, lg.o.col_gate, lg.o.in_features)
+        pu, pd = k(lg.up, lg.up.row_gate, lg.up.out_features), k(lg.down, lg.down.col_gate, lg.down.in_features)
         kept = kept + 2 * h * ((pq * pk).sum() + (pv * po).sum()) + 2 * lg.up.in_features * (pu * pd).sum()
         total += sum(gl.weight.numel() for _, gl in lg.items())
-        del h
     return 1.0 - kept / total
+
+
+def expected_sparsity(model: nn.Module) -> torch.Tensor:
+    """Expected fraction of gated weight parameters that export removes (differentiable in the gates)."""
+    return structural_sparsity(model, lambda g: g.p_open())
+
+
+@torch.no_grad()
+def closure_sparsity(model: nn.Module, threshold: float) -> float:
+    """Removed fraction if every unit whose mu <= ``threshold`` were closed (as well as those already closed)."""
+    return float(structural_sparsity(model, lambda g: ((g.mu > threshold) & ~g.closed()).float()))
+
+
+@torch.no_grad()
+def pin_to_target(model: nn.Module, target: float | None) -> float:
+    """Fix the structure (see :meth:`Gate.pin`). With a ``target``, first close the least open units
+    (lowest mu) until the removed fraction reaches it: CoFi's deterministic mask, which keeps the units
+    with the largest scores in the number the L0 expectation asks for. Never reopens a closed unit.
+    Returns the mu threshold used (-0.5: only the already closed units)."""
+    lo = -0.5  # mu <= -0.5 is closed already
+    if target is not None and closure_sparsity(model, lo) < target:
+        hi = 1.0  # everything closed
+        for _ in range(40):  # bisection on the threshold: closure_sparsity is monotone in it
+            mid = 0.5 * (lo + hi)
+            if closure_sparsity(model, mid) >= target:
+                hi = mid
+            else:
+                lo = mid
+        lo = hi
+        for g in all_gates(model):
+            g.theta.copy_(torch.where(g.mu <= lo, torch.full_like(g.theta, -3.0), g.theta))
+    for g in all_gates(model):
+        g.pin()
+    return lo
 
 
 class SparsityController(nn.Module):

@@ -111,8 +111,8 @@ class FineGates(Method):
         assert cfg is not None
         if self.in_recovery(step):
             if self.pinned_at is None:
-                for g in gm.all_gates(model):
-                    g.pin()
+                target = cfg.target_sparsity if cfg.penalty == "controller" else None
+                gm.pin_to_target(model, target)
                 self.pinned_at = step
                 log.info("recovery from step %d: structure pinned at gate sparsity %.3f", step,
                          gm.gate_sparsity(model))
@@ -141,7 +141,7 @@ class FineGates(Method):
             out["gate_mu_min"] = float(mus.min())
             out["gate_mu_mean"] = float(mus.mean())
         if self.controller is not None:
-            out["lagrange_l1"] = float(self.controller.l1)
+            out["lagrange_l1"] = float(self.controller.l1.detach())
         if self.pinned_at is not None:
             out["pinned_at_step"] = self.pinned_at
         return out

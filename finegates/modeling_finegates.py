@@ -5,6 +5,11 @@ checkpoint and loaded by ``AutoModelForSequenceClassification.from_pretrained(pa
 trust_remote_code=True)``. Each layer has its own width: ``num_heads`` kept heads, ``qk_dim`` and
 ``v_dim`` per head (heads of one layer are zero-padded to the widest, which is exact), and
 ``intermediate_size`` FFN neurons. Attention keeps the original 1/sqrt(head_dim) scale.
+
+Attention is one ``scaled_dot_product_attention`` call per layer. The exporter's default layout (widths
+multiples of 8, ``qk_dim == v_dim``) and a mask of ``None`` when no token is padding let torch pick its
+fused kernels (flash attention on CUDA in bf16/fp16, and on CPU); with padding the mask is a boolean
+(B, 1, 1, L) tensor, which the memory-efficient CUDA kernel and the CPU flash kernel accept.
 """
 from __future__ import annotations
 
@@ -25,7 +30,8 @@ class FineGatesConfig(PretrainedConfig):
                  head_dim: int = 32, layers: list | None = None, max_position_embeddings: int = 512,
                  type_vocab_size: int = 2, layer_norm_eps: float = 1e-12, hidden_act: str = "gelu",
                  hidden_dropout_prob: float = 0.1, attention_probs_dropout_prob: float = 0.1,
-                 classifier_dropout: float | None = None, pad_token_id: int = 0, **kwargs) -> None:
+                 classifier_dropout: float | None = None, pad_token_id: int = 0,
+                 source_intermediate_size: int | None = None, **kwargs) -> None:
         self.arch = arch
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -40,6 +46,8 @@ class FineGatesConfig(PretrainedConfig):
         self.hidden_dropout_prob = hidden_dropout_prob
         self.attention_probs_dropout_prob = attention_probs_dropout_prob
         self.classifier_dropout = classifier_dropout
+        # FFN width of the model this one was exported from (caps re-exports; None in older checkpoints)
+        self.source_intermediate_size = source_intermediate_size
         super().__init__(pad_token_id=pad_token_id, **kwargs)
 
 
@@ -85,8 +93,8 @@ class Layer(nn.Module):
         self.dropout = nn.Dropout(c.hidden_dropout_prob)
         self.attn_dropout = c.attention_probs_dropout_prob
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        B, L, _ = x.shape  # x: (B, L, h); mask: (B, 1, 1, L) bool, True = attend
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        B, L, _ = x.shape  # x: (B, L, h); mask: (B, 1, 1, L) bool, True = attend; None = attend everywhere
         if self.H > 0:
             q = self.query(x).view(B, L, self.H, self.dqk).transpose(1, 2)  # (B, H, L, dqk)
             k = self.key(x).view(B, L, self.H, self.dqk).transpose(1, 2)
@@ -115,6 +123,11 @@ class FineGatesPreTrainedModel(PreTrainedModel):
             nn.init.zeros_(module.bias)
 
 
+def _compiling() -> bool:
+    comp = getattr(torch, "compiler", None)
+    return bool(torch.jit.is_tracing() or (comp is not None and comp.is_compiling()))
+
+
 class FineGatesForSequenceClassification(FineGatesPreTrainedModel):
     def __init__(self, config: FineGatesConfig) -> None:
         super().__init__(config)
@@ -130,9 +143,7 @@ class FineGatesForSequenceClassification(FineGatesPreTrainedModel):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 return_dict: bool | None = None, **kwargs) -> SequenceClassifierOutput:
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L)
+        mask = self._sdpa_mask(attention_mask)
         x = self.embeddings(input_ids, token_type_ids if self.config.arch == "bert" else None)
         for layer in self.layers:
             x = layer(x, mask)
@@ -148,3 +159,15 @@ class FineGatesForSequenceClassification(FineGatesPreTrainedModel):
             else:
                 loss = F.cross_entropy(logits, labels.long())
         return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    @staticmethod
+    def _sdpa_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """None when nothing is masked (so SDPA may use flash attention, which takes no mask), else a
+        boolean (B, 1, 1, L) mask, True = attend. Checking for padding costs one device sync, as in
+        transformers' own SDPA path; under tracing / torch.compile the mask is always kept."""
+        if attention_mask is None:
+            return None
+        mask = attention_mask.bool()
+        if not _compiling() and bool(mask.all()):
+            return None
+        return mask[:, None, None, :]

@@ -171,7 +171,7 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool 
     params_base, _ = count_parameters(model)
     collate = _collator(tokenizer)
     teacher = None
-    if cfg.teacher != "none":  # cached per task and data; trained here (under a lock) if missing
+    if cfg.teacher != "none" and method.prunes:  # cached per task and data; trained here (under a lock) if missing
         from finegates.distill import get_teacher
 
         teacher = get_teacher(cfg, model_path, data.train, collate)
@@ -252,6 +252,7 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool 
         diff = float((trained(**probe).logits - compressed(**probe).logits).abs().max())
     preds, labels = predict(compressed.to(device), eval_loader, device, task.is_regression)
     final = compute_metrics(task, preds, labels)
+    from tasks import trivial_score
     compressed.cpu()
 
     # ---- latency: exported vs dense base model, same process, same inputs, interleaved
@@ -263,7 +264,8 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool 
     result: dict[str, Any] = {
         "task": task.name, "method": cfg.method, "model": model_path,
         "score": final["score"], **{f"eval_{k}": v for k, v in final.items()},
-        "sparsity": stats.sparsity, "gated_params_before": stats.gated_params_before,
+        "trivial_score": trivial_score(task, labels),  # majority class / constant mean, same examples
+        "sparsity": stats.sparsity, "sparsity_minimal": stats.sparsity_minimal, "gated_params_before": stats.gated_params_before,
         "gated_params_after": stats.gated_params_after,
         "params_total": params_base, "params_trainable": params_trainable,
         "trainable_pct": 100.0 * params_trainable / params_base, "params_exported": stats.params_total,
@@ -283,6 +285,9 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool 
         save_compressed(compressed, out / "model", tokenizer, extra={k: result[k] for k in
                         ("task", "method", "score", "sparsity", "validation_source")} | {"config": cfg.to_dict()})
         result["model_path"] = str(out / "model")
+        # the exported model's eval predictions, in eval order: for bootstrap intervals and paired comparisons
+        np.savez(out / "eval_predictions.npz", predictions=preds, labels=labels)
+        result["predictions_path"] = str(out / "eval_predictions.npz")
         tmp = out / ".result.json.tmp"
         tmp.write_text(json.dumps(result, indent=2, default=str))
         os.replace(tmp, out / "result.json")

@@ -49,3 +49,23 @@ def compute_metrics(task: TaskSpec, predictions: np.ndarray, labels: np.ndarray)
     else:
         out["score"] = out["accuracy"]
     return out
+
+
+def trivial_predictions(task: TaskSpec, labels: np.ndarray) -> np.ndarray:
+    """The trivial predictor on these examples: the most frequent class (ties: the smallest id), or the
+    constant mean for regression. Its score is the floor a model must clearly beat to have learned."""
+    labels = np.asarray(labels)
+    if task.is_regression:
+        return np.full(labels.shape, float(labels.mean()) if labels.size else 0.0, dtype=np.float32)
+    values, counts = np.unique(labels, return_counts=True)
+    return np.full(labels.shape, values[np.argmax(counts)], dtype=labels.dtype)
+
+
+def trivial_score(task: TaskSpec, labels: np.ndarray) -> float:
+    """Score of :func:`trivial_predictions` (majority class / constant mean) on the same examples.
+
+    >>> from tasks.glue import get_task
+    >>> trivial_score(get_task("sst2"), np.array([1, 1, 0])), trivial_score(get_task("cola"), np.array([1, 0]))
+    (0.6666666666666666, 0.0)
+    """
+    return compute_metrics(task, trivial_predictions(task, labels), labels)["score"]

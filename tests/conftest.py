@@ -38,3 +38,16 @@ def tokenizer(minilm_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(minilm_dir)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def teacher_cache(tmp_path_factory):
+    """Teachers trained by tests go to a temporary cache, never to the user's ~/.cache."""
+    d = tmp_path_factory.mktemp("teachers")
+    old = os.environ.get("FINEGATES_TEACHER_CACHE")
+    os.environ["FINEGATES_TEACHER_CACHE"] = str(d)
+    yield d
+    if old is None:
+        os.environ.pop("FINEGATES_TEACHER_CACHE", None)
+    else:
+        os.environ["FINEGATES_TEACHER_CACHE"] = old

@@ -5,6 +5,13 @@ A point is a finished trial: its ``score`` (higher is better, may be negative: C
 whose score is at least ``reference - 0.02 * |reference|``; ``mode="absolute"`` admits
 ``reference - budget`` (score points).
 
+Two eligibility rules (docs/SELECTION.md): ``plain`` compares point scores with the threshold;
+``paired`` additionally needs the lower end of the 95% paired bootstrap interval of
+``(trial - reference)`` (``diff_low``, computed by the caller from per-example predictions, see
+tune/stats.py) to be >= ``-budget*|reference|`` (``-budget`` when absolute): a trial is eligible only
+when the evaluation examples show that it loses no more than the budget. Points listed in
+``exclude`` (e.g. not distinguishable from the trivial predictor) are never eligible, under either rule.
+
 >>> pts = [Point("a", 0.90, 0.0, 10.0), Point("b", 0.89, 0.3, 8.0), Point("c", 0.85, 0.6, 6.0)]
 >>> [p.id for p in pareto_front(pts)]
 ['a', 'b', 'c']
@@ -14,11 +21,12 @@ whose score is at least ``reference - 0.02 * |reference|``; ``mode="absolute"`` 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
 
 BUDGET_MODES = ("relative", "absolute")
 SELECT_BY = ("sparsity", "latency")
+RULES = ("paired", "plain")
 EPS = 1e-12
 
 
@@ -50,6 +58,24 @@ def threshold(reference: float, budget: float, mode: str = "relative") -> float:
     return reference - budget * abs(reference)
 
 
+def allowed_loss(reference: float, budget: float, mode: str = "relative") -> float:
+    """How many score points below the reference a trial may lose: ``budget*|reference|`` or ``budget``."""
+    return reference - threshold(reference, budget, mode)
+
+
+def check_rule(rule: str) -> None:
+    if rule not in RULES:
+        raise ValueError(f"rule {rule!r} is invalid; accepted: {', '.join(RULES)}")
+
+
+def reference_point(points: Iterable[Point]) -> Point:
+    """The reference of a budget: the best score of the finished points (ties: sparser, then faster)."""
+    pts = [p for p in points if math.isfinite(p.score) and math.isfinite(p.sparsity)]
+    if not pts:
+        raise ValueError("no finished trial to select from")
+    return max(pts, key=lambda p: (p.score, p.sparsity, -p.latency_ms))
+
+
 def check_budget(budget: float, mode: str = "relative") -> None:
     if mode not in BUDGET_MODES:
         raise ValueError(f"budget mode {mode!r} is invalid; accepted: {', '.join(BUDGET_MODES)}")
@@ -64,32 +90,70 @@ class Selection:
     select_by: str
     reference: Point
     threshold: float
-    chosen: Point
+    chosen: Point | None  # None: nothing eligible (only possible with ``exclude``)
     eligible: int
     considered: int
+    rule: str = "plain"
+    excluded: int = 0
+    eligible_ids: tuple[str, ...] = ()
+
+    def rule_text(self) -> str:
+        loss = "budget*|reference|" if self.mode == "relative" else "budget"
+        text = (f"reference = best score of {self.considered} finished trials; eligible = score >= "
+                f"{'reference - budget*|reference|' if self.mode == 'relative' else 'reference - budget'}"
+                f" = {self.threshold:.6g}")
+        if self.rule == "paired":
+            text += (f" and the lower end of the 95% paired bootstrap CI of (trial - reference) >= -{loss} = "
+                     f"{self.threshold - self.reference.score:.6g}")
+        if self.excluded:
+            text += f"; {self.excluded} trials not clearly above the trivial predictor are never eligible"
+        by = ("sparsity, ties: lower latency" if self.select_by == "sparsity"
+              else "speed (lowest latency), ties: higher sparsity")
+        return text + f"; chosen = highest {by}"
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["rule"] = (f"reference = best score of {self.considered} finished trials; eligible = score >= "
-                     f"{'reference - budget*|reference|' if self.mode == 'relative' else 'reference - budget'}"
-                     f" = {self.threshold:.6g}; chosen = highest "
-                     f"{'sparsity, ties: lower latency' if self.select_by == 'sparsity' else 'speed (lowest latency), ties: higher sparsity'}")
+        d = {k: v for k, v in self.__dict__.items() if k not in ("reference", "chosen")}
+        d["reference"] = _point_dict(self.reference)
+        d["chosen"] = _point_dict(self.chosen) if self.chosen is not None else None
+        d["eligible_ids"] = list(self.eligible_ids)
+        d["rule_name"] = self.rule
+        d["rule"] = self.rule_text()
         return d
 
 
-def select(points: Iterable[Point], budget: float, mode: str = "relative", select_by: str = "sparsity") -> Selection:
-    """The best point within ``budget`` of the best score. Every finished point is considered."""
+def _point_dict(p: Point) -> dict[str, Any]:
+    return {"id": p.id, "score": p.score, "sparsity": p.sparsity, "latency_ms": p.latency_ms}
+
+
+def select(points: Iterable[Point], budget: float, mode: str = "relative", select_by: str = "sparsity", *,
+           rule: str = "plain", diff_low: Mapping[str, float] | None = None,
+           exclude: Iterable[str] = ()) -> Selection:
+    """The best point within ``budget`` of the best score. Every finished point is considered.
+
+    ``rule="paired"`` needs ``diff_low``: per point id, the lower end of the paired bootstrap interval
+    of (point - reference); a point without an entry is not eligible (the reference is, with 0).
+    Points in ``exclude`` are never eligible; ``chosen`` is None when nothing is.
+    """
     if select_by not in SELECT_BY:
         raise ValueError(f"select-by {select_by!r} is invalid; accepted: {', '.join(SELECT_BY)}")
+    check_rule(rule)
+    if rule == "paired" and diff_low is None:
+        raise ValueError("rule 'paired' needs diff_low (paired bootstrap lower bounds per point); accepted rules "
+                         f"without it: plain")
     pts = [p for p in points if math.isfinite(p.score) and math.isfinite(p.sparsity)]
-    if not pts:
-        raise ValueError("no finished trial to select from")
-    ref = max(pts, key=lambda p: (p.score, p.sparsity, -p.latency_ms))
+    ref = reference_point(pts)
     thr = threshold(ref.score, budget, mode)
-    eligible = [p for p in pts if p.score >= thr - EPS]
+    excluded = set(exclude)
+    eligible = [p for p in pts if p.score >= thr - EPS and p.id not in excluded]
+    if rule == "paired":
+        assert diff_low is not None
+        loss = allowed_loss(ref.score, budget, mode)
+        lows = {**diff_low, ref.id: 0.0}
+        eligible = [p for p in eligible if p.id in lows and math.isfinite(lows[p.id]) and lows[p.id] >= -loss - EPS]
     if select_by == "sparsity":
         key = lambda p: (p.sparsity, -p.latency_ms, p.score)  # noqa: E731
     else:
         key = lambda p: (-p.latency_ms, p.sparsity, p.score)  # noqa: E731
-    chosen = max(eligible, key=key)
-    return Selection(budget, mode, select_by, ref, thr, chosen, len(eligible), len(pts))
+    chosen = max(eligible, key=key) if eligible else None
+    return Selection(budget, mode, select_by, ref, thr, chosen, len(eligible), len(pts), rule,
+                     sum(1 for p in pts if p.id in excluded), tuple(p.id for p in eligible))

@@ -22,6 +22,7 @@ def plot_task(task: str, points: list[Point], budgets: list[float], mode: str, p
     front = pareto_front(points)
     front_ids = {p.id for p in front}
     ref = max(p.score for p in points)
+    trivial = recorded_trivial_score(points)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, xkey, xlabel in ((axes[0], "sparsity", "sparsity (fraction of gated weights removed)"),
                              (axes[1], "speedup", "CPU speedup (dense / exported latency)")):
@@ -34,6 +35,9 @@ def plot_task(task: str, points: list[Point], budgets: list[float], mode: str, p
         if xkey == "sparsity" and front:
             ax.plot([p.sparsity for p in front], [p.score for p in front], "-", color="tab:red", lw=1, zorder=2,
                     label="Pareto front")
+        if trivial is not None:  # a model at or near this line has not learned the task (docs/SELECTION.md)
+            ax.axhline(trivial, ls=":", lw=1.0, color="black")
+            ax.annotate("trivial predictor", (ax.get_xlim()[1], trivial), fontsize=7, va="bottom", ha="right")
         for b in budgets:
             ax.axhline(threshold(ref, b, mode), ls="--", lw=0.8, color="tab:blue")
             ax.annotate(f"budget {b:g}", (ax.get_xlim()[0], threshold(ref, b, mode)), fontsize=7, color="tab:blue",
@@ -47,6 +51,14 @@ def plot_task(task: str, points: list[Point], budgets: list[float], mode: str, p
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def recorded_trivial_score(points: list[Point]) -> float | None:
+    """The trials' recorded trivial score (majority class / constant mean on their eval examples): the
+    median when they differ (different eval subsets), None when no trial recorded one."""
+    vals = sorted(float(p.info["trivial_score"]) for p in points
+                  if isinstance(p.info.get("trivial_score"), (int, float)) and math.isfinite(p.info["trivial_score"]))
+    return vals[len(vals) // 2] if vals else None
 
 
 def _method(p: Point) -> str:

@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--budget", default="0.02", help="accuracy budget(s), comma list in [0, 1]; one selection each (default: 0.02)")
     a("--budget-mode", default="relative", choices=["relative", "absolute"], help="default: relative")
     a("--select-by", default="sparsity", choices=["sparsity", "latency"], help="default: sparsity")
+    a("--rule", default="paired", choices=["paired", "plain"], help="selection rule: paired = the 95%% paired "
+      "bootstrap interval of (trial - reference) must show the loss within budget; plain = point scores "
+      "(docs/SELECTION.md; default: paired)")
     a("--methods", default="finegates", help="comma list of: " + ", ".join(METHOD_NAMES) + " (default: finegates)")
     a("--model", default=None, help="HF model dir or hub id (default: the embedded all-MiniLM-L6-v2)")
     a("--trials-per-task", type=int, default=None, help="trials per task and method, reference included "
@@ -248,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     tracker = sweep(v, args)
     rows = select_sweep(tracker, v["tasks"], v["budgets"], v["out"] / "selection", args.budget_mode,
-                        args.select_by, sweep=v["experiment"])
+                        args.select_by, sweep=v["experiment"], rule=args.rule)
     print(format_table(rows))
     print(f"\nsweep {v['experiment']} ({v['scale']} sizes) took {time.perf_counter() - t0:.0f} s; "
           f"selection: {v['out'] / 'selection' / 'selection.json'}; MLflow: {v['uri']}")

@@ -33,7 +33,8 @@ PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 
 FINAL_METRICS = ("score", "sparsity", "gate_sparsity", "params_total", "params_trainable", "trainable_pct",
                  "params_exported", "latency_ms", "dense_latency_ms", "speedup", "train_time_s",
-                 "export_max_abs_diff", "n_train", "n_eval", "teacher_score", "teacher_train_time_s")
+                 "export_max_abs_diff", "n_train", "n_eval", "teacher_score", "teacher_train_time_s",
+                 "trivial_score")
 
 
 class TrackingError(RuntimeError):
@@ -154,11 +155,15 @@ class Tracker:
         ms = [Metric(k, float(v), now, step) for k, v in result.items()
               if (k in FINAL_METRICS or k.startswith("eval_")) and _is_number(v)]
         tags = [RunTag("validation_source", str(result.get("validation_source", ""))),
-                RunTag("model_path", str(model_dir or ""))]
+                RunTag("model_path", str(model_dir or "")),
+                RunTag("predictions_path", str(result.get("predictions_path") or ""))]
         if result.get("teacher_path"):  # the cached teacher this trial distilled from (trained by it or reused)
             tags += [RunTag("teacher_path", str(result["teacher_path"])),
                      RunTag("teacher_reused", str(bool(result.get("teacher_reused"))).lower())]
         with_retry(lambda: self.client.log_batch(run_id, metrics=ms, tags=tags), "log final metrics")
+        preds = result.get("predictions_path")
+        if preds and os.path.isfile(preds):  # per-example eval predictions: bootstrap intervals, paired tests
+            with_retry(lambda: self.client.log_artifact(run_id, preds), "log predictions", attempts=3)
         if model_dir:
             with_retry(lambda: self.log_model(run_id, model_dir), "log model", attempts=3)
         with_retry(lambda: self.client.set_terminated(run_id, status="FINISHED"), "finish run")

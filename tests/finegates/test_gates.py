@@ -206,3 +206,31 @@ def test_freezing_and_trainable_counts():
     coupled = _tiny_bert()
     apply_gates(coupled, layout="coupled", train_bias=False)
     assert count_parameters(coupled)[1] == L * (3 * h + inter) + head
+
+
+def test_pin_to_target_closes_the_least_open_units_up_to_the_target_and_never_reopens():
+    from finegates.gated_model import all_gates, closure_sparsity, pin_to_target, structural_sparsity
+
+    torch.manual_seed(0)
+    m = _tiny_bert()
+    apply_gates(m, layout="coupled")
+    with torch.no_grad():
+        for g in all_gates(m):
+            g.theta.uniform_(-0.4, 1.0)
+        all_gates(m)[0].theta[:3] = -2.0  # already closed
+    mus_before = torch.cat([g.mu for g in all_gates(m)])
+    threshold = pin_to_target(m, 0.4)
+    closed = torch.cat([g.closed() for g in all_gates(m)])
+    removed = float(structural_sparsity(m, lambda g: (~g.closed()).float()))
+    assert removed >= 0.4 and closure_sparsity(m, -0.5) == removed
+    # minimal: the units closed are exactly those at or below the threshold, the closed ones stay closed
+    assert torch.equal(closed, mus_before <= threshold)
+    assert closed[:3].all() and all(g.pinned for g in all_gates(m))
+    # a lower target than what is closed already closes nothing more
+    m2 = _tiny_bert()
+    apply_gates(m2)
+    with torch.no_grad():
+        all_gates(m2)[0].theta[:] = -2.0
+    before = torch.cat([g.closed() for g in all_gates(m2)])
+    pin_to_target(m2, 0.0)
+    assert torch.equal(torch.cat([g.closed() for g in all_gates(m2)]), before)

@@ -39,8 +39,8 @@ def test_result_fields_and_files(learned):
     assert load_compressed(result["model_path"]).config.num_labels == 2
 
 
-def test_large_lambda_gives_nonzero_exported_sparsity(glue_dir, tmp_path):
-    cfg = TrainConfig(task="sst2", lam=20.0, gate_lr=0.2, max_train=256, max_eval=64, epochs=2, max_length=48,
+def test_large_paper_lambda_gives_nonzero_exported_sparsity(glue_dir, tmp_path):
+    cfg = TrainConfig(task="sst2", penalty="paper", lam=20.0, gate_lr=0.2, max_train=256, max_eval=64, epochs=2, max_length=48,
                       threads=2, data_dir=str(glue_dir), output_dir=str(tmp_path), latency_repeats=2,
                       latency_batch=2, latency_length=32)
     r = run(cfg)

@@ -20,7 +20,9 @@ def sweep(loopback_only, glue_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("sweep")
     uri = f"sqlite:///{d / 'mlflow.db'}"
     code, out, err = run_cli("tune.run", [
+        # SST-2 learns at these sizes (its model is registered and served); RTE does not (the guard says so)
         "--smoke-test", "--tasks", "sst2,rte", "--trials-per-task", "3", "--budget", "0.02,0.5",
+        "--max-train", "320", "--epochs", "2", "--max-eval", "200", "--rule", "plain",
         "--mlflow-uri", uri, "--storage", str(d / "ray"), "--out", str(d / "out"), "--experiment", "e2e",
         "--data-dir", str(glue_dir), "--verbose", "0",
         # high targets and a fast gate lr so that gates close even in a 4-step smoke trial
@@ -82,33 +84,41 @@ def test_selection_obeys_the_budget_rule_and_models_load(sweep):
     _, _, runs = trial_runs(uri)
     rows = json.loads((d / "out" / "selection" / "selection.json").read_text())
     assert {(r["task"], r["budget"]) for r in rows} == {(t, b) for t in ("sst2", "rte") for b in (0.02, 0.5)}
+    client = MlflowClient(uri)
     for row in rows:
+        alias = f"budget-{row['budget']:g}".replace(".", "_")
+        model_dir = d / "out" / "selection" / row["task"] / f"budget-{row['budget']:g}"
+        if row["status"] != "selected":  # the trivial-predictor guard: said in words, nothing registered
+            assert row["task"] == "rte" and row["reason"], row
+            assert not (model_dir / "model.safetensors").exists()
+            with pytest.raises(Exception):
+                client.get_model_version_by_alias(f"finegates-{row['task']}", alias)
+            continue
         pts = [Point(r.info.run_id, r.data.metrics["score"], r.data.metrics["sparsity"], r.data.metrics["latency_ms"])
                for r in runs if r.data.tags["task"] == row["task"] and r.info.status == "FINISHED"]
         ref = max(p.score for p in pts)
         assert row["reference_score"] == pytest.approx(ref)
         assert row["score"] >= ref - row["budget"] * abs(ref) - 1e-9
-        assert row["chosen_run_id"] == select(pts, row["budget"]).chosen.id
-        assert (d / "out" / "selection" / row["task"] / f"budget-{row['budget']:g}" / "model.safetensors").is_file()
+        assert row["score"] > row["trivial_score"]
+        # the plain rule (--rule plain) over the trials that pass the guard
+        guarded = [c["run_id"] for c in row["candidates"] if not c["beats_trivial"]]
+        assert row["chosen_run_id"] == select(pts, row["budget"], exclude=guarded).chosen.id
+        assert (model_dir / "model.safetensors").is_file()
+        assert client.get_model_version_by_alias(f"finegates-{row['task']}", alias).run_id == row["chosen_run_id"]
+    assert {r["task"] for r in rows if r["status"] == "selected"} >= {"sst2"}
     assert "task" in out and "sparsity" in out  # the summary table
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
-    for task in ("sst2", "rte"):
-        for alias in ("budget-0_02", "budget-0_5"):
-            v = client.get_model_version_by_alias(f"finegates-{task}", alias)
-            assert v.run_id
-        model = mlflow.pyfunc.load_model(f"models:/finegates-{task}@budget-0_02")
-        pred = model.predict(pd.DataFrame({"text": ["a moving, funny film", "a dull mess"],
-                                           "text_pair": ["it was good", "it was bad"]}))
-        assert len(pred) == 2 and set(pred["label"]) <= {"negative", "positive", "entailment", "not_entailment"}
-        assert all(0 <= s <= 1 and not math.isnan(s) for s in pred["score"])
+    model = mlflow.pyfunc.load_model("models:/finegates-sst2@budget-0_02")
+    pred = model.predict(pd.DataFrame({"text": ["a moving, funny film", "a dull mess"]}))
+    assert len(pred) == 2 and set(pred["label"]) <= {"negative", "positive"}
+    assert all(0 <= s <= 1 and not math.isnan(s) for s in pred["score"])
 
 
 def test_rerunning_the_selector_changes_nothing(sweep):
     d, uri, _ = sweep
     before = json.loads((d / "out" / "selection" / "selection.json").read_text())
     code, out, err = run_cli("tune.select", ["--experiment", "e2e", "--mlflow-uri", uri, "--budget", "0.02,0.5",
-                                             "--out", str(d / "out" / "selection")], cwd=d)
+                                             "--rule", "plain", "--out", str(d / "out" / "selection")], cwd=d)
     assert code == 0, err[-2000:]
     after = json.loads((d / "out" / "selection" / "selection.json").read_text())
     key = lambda rows: {(r["task"], r["budget"]): (r["chosen_run_id"], r["model_version"]) for r in rows}  # noqa: E731
