@@ -31,15 +31,20 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-# name -> finegates.train flags. fg-<t>: FineGates, controller to t% removed, recovery, distillation as given.
+# name -> finegates.train flags. fg-<t>: FineGates (gates only), controller to t% removed, recovery;
+# fgl-<t>: FineGates-LoRA (r8 inside the gates, lr 1e-3); -kd: distilled from the task's cached LoRA teacher.
 CONFIGS: dict[str, list[str]] = {
     "full": ["--method", "full", "--lr", "5e-5"],
     "lora": ["--method", "lora", "--rank", "8", "--lr", "1e-3"],
-    "fg-old-0": ["--gate-init", "saturated", "--penalty", "paper", "--lambda", "0", "--recovery-frac", "0"],
-    "fg-0": ["--target-sparsity", "0"],
-    "fg-0-glr1e-2": ["--target-sparsity", "0", "--gate-lr", "1e-2"],
+    # the gate form before issue 9 (official init above the clamp, no penalty), without and with distillation
+    "fg-old-0": ["--gate-init", "saturated", "--penalty", "paper", "--lambda", "0", "--recovery-frac", "0",
+                 "--teacher", "none"],
+    "fg-old-0-kd": ["--gate-init", "saturated", "--penalty", "paper", "--lambda", "0", "--recovery-frac", "0",
+                    "--teacher", "lora"],
+    "fg-0": ["--target-sparsity", "0", "--teacher", "none"],
+    "fg-0-glr1e-2": ["--target-sparsity", "0", "--gate-lr", "1e-2", "--teacher", "none"],
     "fg-0-kd": ["--target-sparsity", "0", "--teacher", "lora"],
-    "fg-40": ["--target-sparsity", "0.4"],
+    "fg-40": ["--target-sparsity", "0.4", "--teacher", "none"],
     "fg-40-kd": ["--target-sparsity", "0.4", "--teacher", "lora"],
     "fg-60-kd": ["--target-sparsity", "0.6", "--teacher", "lora"],
     "fgl-0-kd": ["--method", "finegates-lora", "--target-sparsity", "0", "--teacher", "lora", "--lr", "1e-3"],
@@ -48,7 +53,7 @@ CONFIGS: dict[str, list[str]] = {
 }
 PROTOCOLS = {
     "gpu": dict(tasks="sst2,mrpc,rte,stsb,cola,qnli,mnli", max_train=10000, epochs=3, batch_size=32, max_length=128,
-                jobs=6, threads=2, configs="full,lora,fg-0,fg-0-kd,fg-40-kd,fg-60-kd,fgl-40-kd,fgl-60-kd"),
+                jobs=6, threads=2, configs="full,lora,fg-0-kd,fg-40-kd,fg-60-kd,fgl-40-kd"),
     "cpu": dict(tasks="sst2,mrpc,stsb,qnli", max_train=2000, epochs=3, batch_size=32, max_length=128,
                 jobs=2, threads=1, configs="lora,fg-0-kd,fg-40-kd,fgl-40-kd,fg-60-kd,full"),
     "smoke": dict(tasks="sst2,stsb", max_train=64, epochs=1, batch_size=16, max_length=48,
@@ -72,6 +77,8 @@ def one_run(a: argparse.Namespace, task: str, name: str, seed: int, cache: str) 
                "--max-train", str(a.max_train), "--max-eval", str(a.max_eval or "all"), "--epochs", str(a.epochs),
                "--batch-size", str(a.batch_size), "--max-length", str(a.max_length), "--threads", str(a.threads),
                "--latency-repeats", "3", "--teacher-cache", cache, "--output-dir", out, *CONFIGS[name]]
+        cmd += ["--model", a.model] if a.model else []
+        cmd += ["--data-dir", a.data_dir] if a.data_dir else []
         t0 = time.perf_counter()
         p = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t0
@@ -173,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=None, help="runs at once")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per run")
     p.add_argument("--teacher-cache", default="runs/teachers")
+    p.add_argument("--model", default=None, help="model dir (default: the embedded all-MiniLM-L6-v2)")
+    p.add_argument("--data-dir", default=None, help="GLUE Parquet dir (default: $FINEGATES_GLUE_DIR)")
     p.add_argument("--table-only", action="store_true")
     p.add_argument("--smoke-test", action="store_true", help="the whole pipeline at tiny sizes (~2 min)")
     a = p.parse_args(argv)
