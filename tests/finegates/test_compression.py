@@ -37,10 +37,10 @@ def _fraction_scaling(cfg: TrainConfig) -> float:
 
 
 def test_a_no_penalty_run_trains_its_gates_only_with_the_edge_init(glue_dir):
-    edge = _fraction_scaling(TrainConfig(**TINY, data_dir=str(glue_dir), target_sparsity=0.0))
+    edge = _fraction_scaling(TrainConfig(**TINY, data_dir=str(glue_dir), target_sparsity=0.0, teacher="none"))
     # the official init: above the clamp, a gate moves only where the noise put it below 1
     saturated = _fraction_scaling(TrainConfig(**TINY, data_dir=str(glue_dir), target_sparsity=0.0,
-                                              gate_init="saturated"))
+                                              gate_init="saturated", teacher="none"))
     assert edge > 0.25, edge  # after 3 steps, a large share of the units is already rescaled
     assert saturated < 0.01, saturated  # a head + biases finetune in all but name
 
@@ -58,7 +58,7 @@ def test_teacher_is_trained_once_and_reused_and_alpha_0_equals_no_teacher(glue_d
     assert (tdir / "train_logits.npy").stat().st_mtime_ns == stamp  # no second teacher training
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 1
     # wiring: alpha 0 is exactly the plain run; alpha > 0 changes the training loss
-    plain = run(TrainConfig(**TINY, data_dir=str(glue_dir), target_sparsity=0.0))
+    plain = run(TrainConfig(**TINY, data_dir=str(glue_dir), target_sparsity=0.0, teacher="none"))
     alpha0 = run(TrainConfig(**kw | {"distill_alpha": 0.0}))
     assert alpha0["history"][0]["train_loss"] == plain["history"][0]["train_loss"]
     assert first["history"][0]["train_loss"] != plain["history"][0]["train_loss"]

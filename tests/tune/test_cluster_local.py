@@ -171,10 +171,11 @@ def test_attached_sweep_spreads_trials_and_falls_back_to_cpu(cluster, server, gl
 
 def test_worker_node_killed_and_tracking_server_stopped_mid_sweep(cluster, server, glue_dir, tmp_path):
     p, info = cluster
-    # trials of ~10 s instead of the smoke scale's ~3 s, so that the node dies with its trial still running
+    # trials of ~20 s instead of the smoke scale's ~3 s, so that the node dies with its trial still running
+    # (with ~10 s trials the trial seen running could finish before the kill: seen in CI under load)
     args = sweep_args(tmp_path, server, info["address"], "faults", "--tasks", "rte", "--trials-per-task", "6",
                       "--data-dir", str(glue_dir), "--max-concurrent", "2", "--max-failures", "2",
-                      "--max-train", "256", "--epochs", "2")
+                      "--max-train", "512", "--epochs", "2")
     d = spawn_cli("tune.run", args, tmp_path)
     try:
         wait_finished(server.uri, "faults", 1, d)
