@@ -113,7 +113,8 @@ def get_teacher(cfg: "TrainConfig", model_path: str, train_rows: list[dict], col
         from finegates.export import load_compressed
 
         model = load_compressed(tmp / "model")
-        logits = logits_of(model, train_rows, collate, max(tcfg.batch_size, 64))
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        logits = logits_of(model, train_rows, collate, max(tcfg.batch_size, 64), device)
         np.save(tmp / "train_logits.npy", logits.astype(np.float32))
         info = {"key": key, "task": cfg.task, "method": tcfg.method, "lr": tcfg.lr, "rank": tcfg.rank,
                 "epochs": tcfg.epochs, "max_train": tcfg.max_train, "n_train": len(train_rows), "seed": tcfg.seed,
