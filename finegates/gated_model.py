@@ -160,12 +160,12 @@ def structural_sparsity(model: nn.Module, keep_fn) -> torch.Tensor:
         h = lg.q.in_features
         ref = lg.q.weight
 
-        def k(gl: GatedLinear, gate: Gate | None, size: int) -> torch.Tensor:
+        def k(gate: Gate | None, size: int) -> torch.Tensor:
             return _keep(gate, size, ref, keep_fn)
 
-        pq, pk = k(lg.q, lg.q.row_gate, lg.q.out_features), k(lg.k, lg.k.row_gate, lg.k.out_features)
-        pv, po = k(lg.v, lg.v.row_gate, lg.v.out_features), k(lg.o, lg.o.col_gate, lg.o.in_features)
-        pu, pd = k(lg.up, lg.up.row_gate, lg.up.out_features), k(lg.down, lg.down.col_gate, lg.down.in_features)
+        pq, pk = k(lg.q.row_gate, lg.q.out_features), k(lg.k.row_gate, lg.k.out_features)
+        pv, po = k(lg.v.row_gate, lg.v.out_features), k(lg.o.col_gate, lg.o.in_features)
+        pu, pd = k(lg.up.row_gate, lg.up.out_features), k(lg.down.col_gate, lg.down.in_features)
         kept = kept + 2 * h * ((pq * pk).sum() + (pv * po).sum()) + 2 * lg.up.in_features * (pu * pd).sum()
         total += sum(gl.weight.numel() for _, gl in lg.items())
     return 1.0 - kept / total

@@ -154,7 +154,7 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool 
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from tasks import compute_metrics, get_task, load_task_data
+    from tasks import compute_metrics, get_task, load_task_data, trivial_score
 
     task = get_task(cfg.task)
     model_path = resolve_model(cfg.model)
@@ -252,7 +252,6 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool 
         diff = float((trained(**probe).logits - compressed(**probe).logits).abs().max())
     preds, labels = predict(compressed.to(device), eval_loader, device, task.is_regression)
     final = compute_metrics(task, preds, labels)
-    from tasks import trivial_score
     compressed.cpu()
 
     # ---- latency: exported vs dense base model, same process, same inputs, interleaved

@@ -8,6 +8,7 @@ from transformers import BertConfig, BertForSequenceClassification, RobertaConfi
 
 from finegates import CheckpointError, apply_gates, build_compressed, load_compressed, save_compressed
 from finegates.gated_model import all_gates
+from tests.finegates._gating import randomize_gates
 
 
 def random_gated(arch: str, layout: str, seed: int, closed_frac: float = 0.5, rank: int = 2):
@@ -19,15 +20,7 @@ def random_gated(arch: str, layout: str, seed: int, closed_frac: float = 0.5, ra
     else:
         m = RobertaForSequenceClassification(RobertaConfig(pad_token_id=1, **kw))
     apply_gates(m, layout=layout, rank=rank)
-    with torch.no_grad():
-        for g in all_gates(m):
-            # a mix of closed (mu <= -0.5), fractional and fully open gates
-            u = torch.rand_like(g.theta)
-            g.theta.copy_(torch.where(u < closed_frac, torch.full_like(u, -2.0), torch.rand_like(u) * 3 - 0.5))
-        for n, p in m.named_parameters():
-            if "lora_B" in n:
-                p.normal_(std=0.1)
-    return m.eval()
+    return randomize_gates(m, closed_frac)
 
 
 def inputs(pad_id: int, seed: int = 0):

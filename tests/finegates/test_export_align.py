@@ -9,8 +9,8 @@ from transformers import BertConfig, BertForSequenceClassification, RobertaConfi
 
 from finegates import apply_gates, build_compressed, export_gated_model, load_compressed, save_compressed
 from finegates.export import aligned_width
-from finegates.gated_model import all_gates
 from finegates.modeling_finegates import FineGatesForSequenceClassification
+from tests.finegates._gating import randomize_gates
 
 # (hidden, heads, intermediate): head dim 16 and FFN 96 are multiples of 8; head dim 12 and FFN 100 are not
 SIZES = {"aligned": (64, 4, 96), "odd": (48, 4, 100)}
@@ -29,14 +29,7 @@ def tiny(arch: str, sizes: str = "aligned", seed: int = 0, layers: int = 3):
 def gated(arch: str, sizes: str = "aligned", seed: int = 0, closed_frac: float = 0.5):
     m = tiny(arch, sizes, seed)
     apply_gates(m, layout="coupled", rank=2)
-    with torch.no_grad():
-        for g in all_gates(m):
-            u = torch.rand_like(g.theta)
-            g.theta.copy_(torch.where(u < closed_frac, torch.full_like(u, -2.0), torch.rand_like(u) * 3 - 0.5))
-        for n, p in m.named_parameters():
-            if "lora_B" in n:
-                p.normal_(std=0.1)
-    return m.eval()
+    return randomize_gates(m, closed_frac)
 
 
 def batch(pad_id: int, seed: int = 0, padded: bool = True):
