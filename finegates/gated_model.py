@@ -183,11 +183,20 @@ def closure_sparsity(model: nn.Module, threshold: float) -> float:
 
 
 @torch.no_grad()
-def pin_to_target(model: nn.Module, target: float | None) -> float:
-    """Fix the structure (see :meth:`Gate.pin`). With a ``target``, first close the least open units
-    (lowest mu) until the removed fraction reaches it: CoFi's deterministic mask, which keeps the units
-    with the largest scores in the number the L0 expectation asks for. Never reopens a closed unit.
-    Returns the mu threshold used (-0.5: only the already closed units)."""
+def pin_to_target(model: nn.Module, target: float | None, align: int | None = None) -> float:
+    """Fix the structure (see :meth:`Gate.pin`). With a ``target``, first close units until the removed
+    fraction reaches it; never reopens a closed unit.
+
+    ``align=None``: close the least open units (lowest mu), CoFi's deterministic mask, which keeps the units
+    with the largest scores in the number the L0 expectation asks for. Returns the mu threshold used
+    (-0.5: only the already closed units).
+
+    ``align=k``: the structure the exporter will write with ``align=k`` (:func:`aligned_structure`): per
+    layer one head dim shared by Q/K and V/O (``k > 1``) and FFN widths in multiples of ``k``, so that the
+    exported (aligned) sparsity, not only the gates', reaches the target. Returns the price used.
+    """
+    if align is not None:
+        return _pin_aligned(model, target, align)
     lo = -0.5  # mu <= -0.5 is closed already
     if target is not None and closure_sparsity(model, lo) < target:
         hi = 1.0  # everything closed
@@ -200,6 +209,135 @@ def pin_to_target(model: nn.Module, target: float | None) -> float:
         lo = hi
         for g in all_gates(model):
             g.theta.copy_(torch.where(g.mu <= lo, torch.full_like(g.theta, -3.0), g.theta))
+    for g in all_gates(model):
+        g.pin()
+    return lo
+
+
+# ---------------------------------------------------------------------------------------------------
+# Export-aware pinning: the kept structure is the one the aligned exporter writes, without padding waste
+
+_CLOSED_THETA = -3.0
+
+
+def _benefit(*gates: Gate | None) -> torch.Tensor:
+    """Per unit: the eval gate before the upper clamp, mu + 0.5 (> 0 iff open), the smallest over the gates
+    that must all be open for the unit to survive; 0 for a closed unit (keeping it is zero padding)."""
+    present = [g for g in gates if g is not None]
+    b = torch.stack([(g.mu + 0.5).masked_fill(g.closed(), 0.0) for g in present]).amin(dim=0)
+    return b.clamp(min=0.0)
+
+
+def _width_options(cap: int, align: int) -> list[int]:
+    """Kept widths the exporter writes without padding: multiples of ``align`` up to ``cap``, and ``cap``."""
+    return sorted({w for w in range(align, cap + 1, align)} | {cap})
+
+
+def _best_width(sorted_vals: torch.Tensor, options: list[int]) -> tuple[float, int]:
+    """max over n in {0} + options of the sum of the n largest values (``sorted_vals`` sorted descending)."""
+    cum = torch.cat([sorted_vals.new_zeros(1), sorted_vals.cumsum(0)])
+    best, n_best = 0.0, 0
+    for n in options:
+        v = float(cum[n])
+        if v > best:
+            best, n_best = v, n
+    return best, n_best
+
+
+@dataclass
+class _LayerUnits:
+    qk: torch.Tensor  # (H, dh) benefit of each Q/K dim
+    v: torch.Tensor  # (H, dh) benefit of each V/O dim
+    ffn: torch.Tensor  # (inter,) benefit of each FFN neuron
+
+
+def _layer_units(lg: LayerGates, n_heads: int) -> _LayerUnits:
+    return _LayerUnits(
+        qk=_benefit(lg.q.row_gate, lg.k.row_gate).view(n_heads, -1),
+        v=_benefit(lg.v.row_gate, lg.o.col_gate).view(n_heads, -1),
+        ffn=_benefit(lg.up.row_gate, lg.down.col_gate),
+    )
+
+
+def _layer_plan(u: _LayerUnits, price: float, align: int, same_head_dim: bool
+                ) -> tuple[list[int], int, int, int]:
+    """The structure of one layer that maximises sum(benefit - price) over kept units (each unit costs the
+    same 2 * hidden weights) under the exporter's constraints: kept heads share their Q/K width and their
+    V/O width (one width if ``same_head_dim``), widths and the FFN width are multiples of ``align`` (or the
+    full width). Returns (kept heads, Q/K width, V/O width, FFN width)."""
+    H, dh = u.v.shape
+    opts = _width_options(dh, align)
+    qk_sorted = (u.qk - price).sort(dim=1, descending=True).values
+    v_sorted = (u.v - price).sort(dim=1, descending=True).values
+    qk_cum = torch.cat([qk_sorted.new_zeros(H, 1), qk_sorted.cumsum(1)], dim=1)
+    v_cum = torch.cat([v_sorted.new_zeros(H, 1), v_sorted.cumsum(1)], dim=1)
+    pairs = [(w, w) for w in opts] if same_head_dim else [(a, b) for a in opts for b in opts]
+    best, plan = 0.0, ([], 0, 0)
+    for a, b in pairs:
+        per_head = qk_cum[:, a] + v_cum[:, b]
+        order = per_head.argsort(descending=True)
+        prefix = per_head[order].cumsum(0)
+        k = int(prefix.argmax())
+        if float(prefix[k]) > best:
+            best, plan = float(prefix[k]), (sorted(order[: k + 1].tolist()), a, b)
+    _, n_ffn = _best_width((u.ffn - price).sort(descending=True).values, _width_options(u.ffn.numel(), align))
+    heads, a, b = plan
+    return heads, a, b, n_ffn
+
+
+def _plan_sparsity(model: nn.Module, units: list[_LayerUnits], price: float, align: int,
+                   same_head_dim: bool) -> float:
+    kept = total = 0
+    for lg, u in zip(gated_layers(model), units):
+        heads, a, b, n_ffn = _layer_plan(u, price, align, same_head_dim)
+        h = lg.q.in_features
+        kept += 2 * h * (len(heads) * (a + b) + n_ffn)
+        total += sum(gl.weight.numel() for _, gl in lg.items())
+    return 1.0 - kept / total
+
+
+def _close(gates: tuple[Gate | None, ...], drop: torch.Tensor) -> None:
+    for g in gates:
+        if g is not None:
+            g.theta.copy_(torch.where(drop, torch.full_like(g.theta, _CLOSED_THETA), g.theta))
+
+
+def _top_mask(values: torch.Tensor, n: int) -> torch.Tensor:
+    """Bool mask of the ``n`` largest entries of a 1-d tensor (ties: lower index first)."""
+    mask = torch.zeros_like(values, dtype=torch.bool)
+    if n > 0:
+        mask[torch.argsort(values, descending=True, stable=True)[:n]] = True
+    return mask
+
+
+def _pin_aligned(model: nn.Module, target: float | None, align: int) -> float:
+    if align < 1:
+        raise ValueError(f"align={align!r} is not valid; accepted: a positive integer")
+    same_head_dim = align > 1
+    n_heads = int(model.config.num_attention_heads)
+    layers = gated_layers(model)
+    units = [_layer_units(lg, n_heads) for lg in layers]
+    lo = 0.0  # price 0: every open unit is worth keeping, padding is free
+    if target is not None and _plan_sparsity(model, units, lo, align, same_head_dim) < target:
+        hi = 2.0 + max(float(torch.cat([u.qk.flatten(), u.v.flatten(), u.ffn]).max()) for u in units)
+        for _ in range(40):  # the optimum's kept size falls as the price rises: bisection on the price
+            mid = 0.5 * (lo + hi)
+            if _plan_sparsity(model, units, mid, align, same_head_dim) >= target:
+                hi = mid
+            else:
+                lo = mid
+        lo = hi
+    for lg, u in zip(layers, units):
+        heads, a, b, n_ffn = _layer_plan(u, lo, align, same_head_dim)
+        H, dh = u.v.shape
+        keep_qk = torch.zeros(H, dh, dtype=torch.bool, device=u.v.device)
+        keep_v = torch.zeros(H, dh, dtype=torch.bool, device=u.v.device)
+        for hh in heads:
+            keep_qk[hh] = _top_mask(u.qk[hh], a)
+            keep_v[hh] = _top_mask(u.v[hh], b)
+        _close((lg.q.row_gate, lg.k.row_gate), ~keep_qk.flatten())
+        _close((lg.v.row_gate, lg.o.col_gate), ~keep_v.flatten())
+        _close((lg.up.row_gate, lg.down.col_gate), ~_top_mask(u.ffn, n_ffn))
     for g in all_gates(model):
         g.pin()
     return lo

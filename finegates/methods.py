@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from finegates import gated_model as gm
+from finegates.export import DEFAULT_ALIGN
 
 if TYPE_CHECKING:
     from finegates.config import TrainConfig
@@ -111,8 +112,10 @@ class FineGates(Method):
         assert cfg is not None
         if self.in_recovery(step):
             if self.pinned_at is None:
-                target = cfg.target_sparsity if cfg.penalty == "controller" else None
-                gm.pin_to_target(model, target)
+                if cfg.penalty == "controller":  # pin the structure the exporter writes: it exports the target
+                    gm.pin_to_target(model, cfg.target_sparsity, align=DEFAULT_ALIGN)
+                else:
+                    gm.pin_to_target(model, None)
                 self.pinned_at = step
                 log.info("recovery from step %d: structure pinned at gate sparsity %.3f", step,
                          gm.gate_sparsity(model))

@@ -82,4 +82,5 @@ def test_recovery_pins_the_structure_and_export_keeps_it(glue_dir):
     assert r["history"][-1]["pinned_at_step"] == 8  # 16 steps, the last half in recovery
     assert state["pinned"] and state["same"]  # closed at the pin = closed at the end, no more, no fewer
     assert state["closed"] > 0 and r["gate_sparsity"] == state["closed"]
-    assert r["sparsity"] > 0 and r["export_max_abs_diff"] <= 1e-4
+    # the pin keeps the structure the aligned exporter writes: the export removes the target, not less
+    assert 0.5 <= r["sparsity"] <= 0.55 and r["export_max_abs_diff"] <= 1e-4
