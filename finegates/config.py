@@ -16,6 +16,7 @@ class ConfigError(ValueError):
 METHODS = ("finegates",)  # extended by finegates.methods
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 TEACHERS = ("none", "lora", "full")
+EVAL_PARTS = ("all", "selection", "report")  # tasks.data.EVAL_PARTS
 
 
 @dataclass
@@ -35,6 +36,7 @@ class TrainConfig:
     # optimisation
     lr: float = 2e-3  # head (and LoRA) learning rate
     gate_lr: float = 5e-2  # gate learning rate
+    dual_lr: float = 0.5  # controller: learning rate of its multipliers (docs/COMPRESSION.md)
     warmup_frac: float = 0.4  # controller: fraction of steps over which the target ramps up from 0
     recovery_frac: float = 0.3  # last fraction of steps with the structure fixed (0 = none)
     # distillation from a dense teacher finetuned on the same data (trained once, cached)
@@ -49,7 +51,12 @@ class TrainConfig:
     max_train: int | None = 1000
     max_eval: int | None = None
     weight_decay: float = 0.0
-    seed: int = 1948
+    seed: int = 1948  # training draws (and the data, unless data_seed is set)
+    data_seed: int | None = None  # seed of the train/eval subsets and of the eval split; None = seed
+    # evaluation: the whole eval set, or one part of its seeded stratified split (tune.run: trials see the
+    # selection part; the selector scores its picks once on the report part)
+    eval_part: str = "all"  # all | selection | report
+    report_frac: float = 0.5  # fraction of the eval set in the report part
     # data and hardware
     data_dir: str | None = None
     threads: int | None = None
@@ -86,6 +93,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not finite(v) or v <= 0:
                 raise bad(name, v, "a finite number > 0")
+        if not finite(self.dual_lr) or self.dual_lr <= 0:
+            raise bad("dual_lr", self.dual_lr, "a finite number > 0")
         if not finite(self.epochs) or self.epochs <= 0:
             raise bad("epochs", self.epochs, "a number > 0")
         if self.gate_init not in GATE_INITS:
@@ -112,8 +121,21 @@ class TrainConfig:
                 raise bad(name, v, "an integer > 0, or none for the whole split")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads <= 0):
             raise bad("threads", self.threads, "an integer > 0")
+        if self.eval_part not in EVAL_PARTS:
+            raise bad("eval_part", self.eval_part, ", ".join(EVAL_PARTS))
+        if not finite(self.report_frac) or not 0 < self.report_frac < 1:
+            raise bad("report_frac", self.report_frac, "a number in (0, 1)")
+        for name in ("seed", "data_seed"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                raise bad(name, v, "an integer >= 0")
         if self.precision not in PRECISIONS:
             raise bad("precision", self.precision, ", ".join(PRECISIONS))
+
+    @property
+    def subset_seed(self) -> int:
+        """The seed of the data: train/eval subsets and the eval split."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

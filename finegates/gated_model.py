@@ -183,7 +183,8 @@ def closure_sparsity(model: nn.Module, threshold: float) -> float:
 
 
 @torch.no_grad()
-def pin_to_target(model: nn.Module, target: float | None, align: int | None = None) -> float:
+def pin_to_target(model: nn.Module, target: float | None, align: int | None = None,
+                  same_head_dim: bool | None = None) -> float:
     """Fix the structure (see :meth:`Gate.pin`). With a ``target``, first close units until the removed
     fraction reaches it; never reopens a closed unit.
 
@@ -191,12 +192,13 @@ def pin_to_target(model: nn.Module, target: float | None, align: int | None = No
     with the largest scores in the number the L0 expectation asks for. Returns the mu threshold used
     (-0.5: only the already closed units).
 
-    ``align=k``: the structure the exporter will write with ``align=k`` (:func:`aligned_structure`): per
-    layer one head dim shared by Q/K and V/O (``k > 1``) and FFN widths in multiples of ``k``, so that the
-    exported (aligned) sparsity, not only the gates', reaches the target. Returns the price used.
+    ``align=k``: the structure the exporter writes with ``align=k``: per layer the kept heads share their
+    Q/K width and their V/O width (one width for both if ``same_head_dim``, default ``k > 1``, as the
+    exporter), widths in multiples of ``k``; so that the exported (aligned) sparsity, not only the gates',
+    reaches the target. Returns the price used.
     """
     if align is not None:
-        return _pin_aligned(model, target, align)
+        return _pin_aligned(model, target, align, align > 1 if same_head_dim is None else same_head_dim)
     lo = -0.5  # mu <= -0.5 is closed already
     if target is not None and closure_sparsity(model, lo) < target:
         hi = 1.0  # everything closed
@@ -310,10 +312,9 @@ def _top_mask(values: torch.Tensor, n: int) -> torch.Tensor:
     return mask
 
 
-def _pin_aligned(model: nn.Module, target: float | None, align: int) -> float:
+def _pin_aligned(model: nn.Module, target: float | None, align: int, same_head_dim: bool) -> float:
     if align < 1:
         raise ValueError(f"align={align!r} is not valid; accepted: a positive integer")
-    same_head_dim = align > 1
     n_heads = int(model.config.num_attention_heads)
     layers = gated_layers(model)
     units = [_layer_units(lg, n_heads) for lg in layers]

@@ -91,7 +91,7 @@ class FineGates(Method):
             dev = next(model.parameters()).device
             self.controller = gm.SparsityController(cfg.target_sparsity, int(cfg.warmup_frac * total_steps)).to(dev)
             # gradient ascent on the multipliers (CoFi: lr -reg_lr); maximize=True is the same thing
-            self.dual_opt = torch.optim.AdamW(self.controller.parameters(), lr=cfg.gate_lr, maximize=True,
+            self.dual_opt = torch.optim.AdamW(self.controller.parameters(), lr=cfg.dual_lr, maximize=True,
                                               weight_decay=0.0)
         if cfg.recovery_frac > 0 and self.penalised(cfg):
             self.recovery_start = max(1, int(round((1.0 - cfg.recovery_frac) * total_steps)))

@@ -29,7 +29,7 @@ from torch import nn
 from finegates.config import ConfigError, TrainConfig
 from finegates.export import build_compressed, save_compressed
 from finegates.gated_model import count_parameters
-from finegates.latency import make_inputs, time_models
+from finegates.latency import measure_latency
 from finegates.methods import METHOD_NAMES, get_method
 
 log = logging.getLogger(__name__)
@@ -148,6 +148,28 @@ def predict(model: nn.Module, loader, device: torch.device, regression: bool) ->
     return np.concatenate(preds), np.concatenate(labels)
 
 
+def evaluate_checkpoint(model_dir: str | os.PathLike, cfg: TrainConfig, part: str,
+                        device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Predictions and labels of an exported checkpoint on one part of ``cfg``'s evaluation data (the same
+    subsets, split, tokenizer and max length as the run that made it; the tokenizer saved with it)."""
+    from torch.utils.data import DataLoader
+    from transformers import AutoTokenizer
+
+    from finegates.export import load_compressed
+    from tasks import get_task, load_task_data
+
+    task = get_task(cfg.task)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    data = load_task_data(task, tokenizer, data_dir=cfg.data_dir, max_train=cfg.max_train, max_eval=cfg.max_eval,
+                          seed=cfg.subset_seed, max_length=cfg.max_length, eval_part=part,
+                          report_frac=cfg.report_frac, tokenize_train=False)
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_compressed(model_dir).to(device).eval()
+    loader = DataLoader(data.eval, batch_size=max(cfg.batch_size, 64), shuffle=False, collate_fn=_collator(tokenizer))
+    with torch.no_grad():
+        return predict(model, loader, device, task.is_regression)
+
+
 def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool = False) -> dict[str, Any]:
     """Train, export, evaluate and time one configuration; return its result (JSON-serialisable)."""
     from accelerate import Accelerator
@@ -167,7 +189,8 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool 
     # ---- data and model
     tokenizer, model = load_base(model_path, task.num_labels, task.label_names)
     data = load_task_data(task, tokenizer, data_dir=cfg.data_dir, max_train=cfg.max_train, max_eval=cfg.max_eval,
-                          seed=cfg.seed, max_length=cfg.max_length)
+                          seed=cfg.subset_seed, max_length=cfg.max_length, eval_part=cfg.eval_part,
+                          report_frac=cfg.report_frac)
     params_base, _ = count_parameters(model)
     collate = _collator(tokenizer)
     teacher = None
@@ -254,11 +277,11 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool 
     final = compute_metrics(task, preds, labels)
     compressed.cpu()
 
-    # ---- latency: exported vs dense base model, same process, same inputs, interleaved
+    # ---- latency: exported vs dense base model, same process, same inputs, interleaved; on the CPU and,
+    # when the trial has one, on its GPU (fp32 and bf16), one timing phase at a time per machine
     _, dense = load_base(model_path, task.num_labels, task.label_names)
-    inputs = make_inputs(cfg.latency_batch, cfg.latency_length, compressed.config.vocab_size, seed=cfg.seed)
-    lat = time_models({"dense": dense.eval(), "exported": compressed}, inputs, repeats=cfg.latency_repeats,
-                      threads=cfg.threads)
+    lat = measure_latency(dense, compressed, batch=cfg.latency_batch, length=cfg.latency_length,
+                          repeats=cfg.latency_repeats, seed=cfg.seed, threads=cfg.threads, gpu=cuda)
 
     result: dict[str, Any] = {
         "task": task.name, "method": cfg.method, "model": model_path,
@@ -268,9 +291,10 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool 
         "gated_params_after": stats.gated_params_after,
         "params_total": params_base, "params_trainable": params_trainable,
         "trainable_pct": 100.0 * params_trainable / params_base, "params_exported": stats.params_total,
-        "latency_ms": lat["exported"], "dense_latency_ms": lat["dense"], "speedup": lat["dense"] / lat["exported"],
+        **lat,
         "export_max_abs_diff": diff, "validation_source": data.validation_source, "eval_split": data.eval_split,
-        "n_train": data.info["n_train"], "n_eval": data.info["n_eval"], "steps": step, "epochs_completed": epoch,
+        "n_train": data.info["n_train"], "n_eval": data.info["n_eval"], "eval_part": cfg.eval_part,
+        "n_eval_all": data.info["n_eval_all"], "steps": step, "epochs_completed": epoch,
         "train_time_s": train_time, "device": str(device), "precision": precision,
         "layers": compressed.config.layers, "history": history, "config": cfg.to_dict(),
     }
@@ -322,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=d.rank, help="LoRA rank inside the gates (0: gates only); lora: r")
     p.add_argument("--lr", type=float, default=d.lr, help="learning rate of head/LoRA/biases")
     p.add_argument("--gate-lr", type=float, default=d.gate_lr, help="learning rate of the gates")
+    p.add_argument("--dual-lr", type=float, default=d.dual_lr, help="learning rate of the controller's multipliers "
+                   "(how fast the expected sparsity follows the target)")
     p.add_argument("--warmup-frac", type=float, default=d.warmup_frac, help="controller target ramp, fraction of steps")
     p.add_argument("--recovery-frac", type=float, default=d.recovery_frac,
                    help="last fraction of steps with the pruned structure fixed and the kept weights training")

@@ -28,6 +28,11 @@ DATA_DIR_ENV = "FINEGATES_GLUE_DIR"
 HUB_DATASET = "nyu-mll/glue"
 #: Held-out validation size when a task has no validation split and ``max_eval`` is not given.
 DEFAULT_HOLDOUT = 2000
+#: Which part of the evaluation set a run sees (see :func:`split_eval`).
+EVAL_PARTS = ("all", "selection", "report")
+#: The smallest selection or report part that :func:`split_eval` accepts.
+MIN_EVAL_PART = 20
+_SPLIT_STREAM = 0x5E1EC7  # the split's own random stream: independent of the subset draws
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
@@ -105,6 +110,64 @@ def tokenize_frame(task: TaskSpec, df: pd.DataFrame, tokenizer, max_length: int)
     return [{**{k: enc[k][i] for k in keys}, "labels": labels[i].item()} for i in range(len(df))]
 
 
+def split_eval(task: TaskSpec, labels: np.ndarray, report_frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded, stratified split of evaluation positions ``0..n-1`` into (selection, report), both sorted.
+
+    Strata: the classes (classification) or the quintiles of the target (regression); each stratum gives
+    ``round(report_frac * size)`` seeded positions to the report part. The same labels, fraction and seed
+    always give the same split (a resumed sweep sees the same parts). Raises :class:`TaskError` when
+    either part would hold fewer than ``MIN_EVAL_PART`` examples.
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    if not 0 < report_frac < 1:
+        raise TaskError(f"report fraction {report_frac!r} is invalid; accepted: a number in (0, 1)")
+    check_split_size(task, n, report_frac)
+    if task.is_regression:
+        edges = np.quantile(labels.astype(float), [0.2, 0.4, 0.6, 0.8])
+        strata = np.digitize(labels.astype(float), edges)
+    else:
+        strata = labels
+    rng = np.random.default_rng([int(seed), _SPLIT_STREAM])
+    report: list[np.ndarray] = []
+    for s in np.unique(strata):
+        idx = np.flatnonzero(strata == s)
+        report.append(rng.permutation(idx)[: int(round(report_frac * len(idx)))])
+    rep = np.sort(np.concatenate(report)) if report else np.zeros(0, dtype=int)
+    sel = np.setdiff1d(np.arange(n), rep)
+    return sel, rep
+
+
+def check_split_size(task: TaskSpec, n_eval: int, report_frac: float) -> None:
+    """One-line :class:`TaskError` when an evaluation set of ``n_eval`` examples is too small to split."""
+    k = int(round(report_frac * n_eval))
+    if min(k, n_eval - k) < MIN_EVAL_PART:
+        raise TaskError(f"task {task.name!r}: its evaluation set of {n_eval} examples is too small to split at report "
+                        f"fraction {report_frac:g} ({n_eval - k} selection / {k} report); accepted: each part "
+                        f">= {MIN_EVAL_PART} examples (raise --max-eval or change --report-frac)")
+
+
+def eval_size(task: TaskSpec, data_dir: str | os.PathLike | None, max_eval: int | None) -> int | None:
+    """How many evaluation examples a run of ``task`` gets (from the Parquet metadata, without reading the
+    data); None when the data comes from the hub."""
+    root = resolve_data_dir(data_dir)
+    if root is None:
+        return None
+    import pyarrow.parquet as pq
+
+    def rows(split: str) -> int:
+        path = root / task.name / f"{split}.parquet"
+        try:
+            return pq.read_metadata(path).num_rows
+        except Exception as e:  # noqa: BLE001 - a missing or truncated file: one line
+            raise TaskError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
+
+    if has_split(task, task.validation_split, root):
+        n = rows(task.validation_split)
+        return n if max_eval is None else min(n, max_eval)
+    return min(max_eval or DEFAULT_HOLDOUT, rows(task.train_split) // 5)
+
+
 def load_task_data(
     task: TaskSpec,
     tokenizer,
@@ -115,11 +178,18 @@ def load_task_data(
     seed: int = 0,
     max_length: int = 128,
     holdout_missing_validation: bool = True,
+    eval_part: str = "all",
+    report_frac: float = 0.5,
+    tokenize_train: bool = True,
 ) -> TaskData:
     """Seeded train/eval subsets of ``task``, tokenized.
 
     ``max_train``/``max_eval``: random subsets (seeded by ``seed``) of at most that many rows; None = all.
+    ``eval_part``: ``all`` the eval subset, or its ``selection`` / ``report`` part (:func:`split_eval`,
+    seeded by ``seed``, ``report_frac`` of it in the report part).
     """
+    if eval_part not in EVAL_PARTS:
+        raise TaskError(f"eval part {eval_part!r} is invalid; accepted: {', '.join(EVAL_PARTS)}")
     rng = np.random.default_rng(seed)
     train_df = load_split(task, task.train_split, data_dir)
     eval_split = task.validation_split
@@ -140,9 +210,14 @@ def load_task_data(
     else:
         load_split(task, eval_split, data_dir)  # raises the clear error
         raise AssertionError("unreachable")
-    train = tokenize_frame(task, train_df.iloc[train_idx], tokenizer, max_length)
+    n_eval_all = len(eval_idx)
+    if eval_part != "all":
+        sel, rep = split_eval(task, eval_df["label"].to_numpy()[eval_idx], report_frac, seed)
+        eval_idx = eval_idx[sel if eval_part == "selection" else rep]
+    train = tokenize_frame(task, train_df.iloc[train_idx], tokenizer, max_length) if tokenize_train else []
     evals = tokenize_frame(task, eval_df.iloc[eval_idx], tokenizer, max_length)
-    if not train or not evals:
+    if (tokenize_train and not train) or not evals:
         raise TaskError(f"task {task.name!r}: empty train ({len(train)}) or eval ({len(evals)}) set")
     return TaskData(task, train, evals, eval_split, source,
-                    info={"n_train": len(train), "n_eval": len(evals), "train_rows_available": len(train_df)})
+                    info={"n_train": len(train_idx), "n_eval": len(evals), "train_rows_available": len(train_df),
+                          "eval_part": eval_part, "n_eval_all": n_eval_all})

@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--budget", default="0.02", help="accuracy budget(s), comma list in [0, 1]; one selection each (default: 0.02)")
     a("--budget-mode", default="relative", choices=["relative", "absolute"], help="default: relative")
     a("--select-by", default="sparsity", choices=["sparsity", "latency"], help="default: sparsity")
+    a("--latency-device", default="trial", choices=["trial", "cpu"], help="latency compared by --select-by latency: "
+      "the trial's device (GPU bf16 when it had one; CPU otherwise) or the CPU (default: trial)")
     a("--rule", default="paired", choices=["paired", "plain"], help="selection rule: paired = the 95%% paired "
       "bootstrap interval of (trial - reference) must show the loss within budget; plain = point scores "
       "(docs/SELECTION.md; default: paired)")
@@ -87,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
       "(default: finegates' default)")
     a("--search-space", default=None, help='JSON overrides of search ranges, e.g. \'{"target_sparsity": [0.2, 0.6], '
       '"rank": {"choices": [0, 8]}}\' (log-uniform [low, high] or categorical choices)')
+    a("--report-frac", type=float, default=0.5, help="fraction of each task's evaluation set held out as its report "
+      "part: trials and the selector see the rest; each pick is scored once on it (docs/SELECTION.md; default: 0.5)")
+    a("--seeds", type=int, default=1, help="re-run the reference and each pick with this many seeds in all before "
+      "registration; report mean +- std and drop a pick whose mean is not within budget (default: 1 = no re-runs)")
     a("--max-failures", type=int, default=1, help="retries of a trial whose worker died (default: 1)")
     a("--verbose", type=int, default=1, help="Ray Tune verbosity 0-3 (default: 1)")
     return p
@@ -130,6 +136,11 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     sizes.pop("trials_per_task", None)
     if trials < 1:
         raise UsageError(f"--trials-per-task {trials} must be >= 1 (the first trial is the reference)")
+    if not 0 < args.report_frac < 1:
+        raise UsageError(f"--report-frac {args.report_frac:g} is out of range; accepted: a number in (0, 1) "
+                         "(0.5 = half of each evaluation set is held out for reporting)")
+    if args.seeds < 1:
+        raise UsageError(f"--seeds {args.seeds} is invalid; accepted: an integer >= 1 (1 = no re-runs)")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise UsageError(f"--max-concurrent {args.max_concurrent} must be >= 1")
     if args.gpus_per_trial < 0:
@@ -152,7 +163,14 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
         if getattr(args, name) is not None:
             sizes[name] = getattr(args, name)
     train = dict(model=model, data_dir=str(data_dir) if data_dir else None, batch_size=args.batch_size,
-                 seed=args.seed, threads=max(1, int(cpus)), **sizes)
+                 seed=args.seed, data_seed=args.seed, eval_part="selection", report_frac=args.report_frac,
+                 threads=max(1, int(cpus)), **sizes)
+    from tasks import check_split_size, eval_size, get_task
+
+    for t in tasks:  # each evaluation set must split into a selection and a report part
+        n_eval = eval_size(get_task(t), data_dir, sizes.get("max_eval"))
+        if n_eval is not None:
+            check_split_size(get_task(t), n_eval, args.report_frac)
     try:
         TrainConfig(task=tasks[0], **train)  # validates the shared training settings
     except ConfigError as e:
@@ -195,6 +213,7 @@ def sweep(v: dict[str, Any], args: argparse.Namespace) -> Tracker:
     parents = {t: tracker.parent_run(v["experiment"], t) for t in v["tasks"]}
     fixed = dict(mlflow_uri=v["uri"], experiment_id=tracker.experiment_id, sweep=v["experiment"], parents=parents,
                  models_dir=str(v["out"] / "models"), train=v["train"])
+    v["fixed"] = fixed
     if not ray.is_initialized():
         if args.address:
             ray.init(address=args.address, log_to_driver=False)
@@ -235,6 +254,33 @@ def sweep(v: dict[str, Any], args: argparse.Namespace) -> Tracker:
     return tracker
 
 
+def _ray_launcher(v: dict[str, Any], args: argparse.Namespace):
+    """Seed re-runs on the sweep's Ray, with a trial's resources, all at once (tune.seeds)."""
+    import ray
+
+    from tune.heldout import TAG_CONFIG
+    from tune.trial import seed_rerun
+
+    remote = ray.remote(seed_rerun).options(num_cpus=v["cpus"], num_gpus=args.gpus_per_trial, max_retries=1)
+
+    def launch(jobs: list[tuple[Any, int]]) -> None:
+        refs = []
+        for run, seed in jobs:
+            cfg = run.data.tags.get(TAG_CONFIG)
+            if not cfg:
+                log.warning("trial run %s has no %s tag (made before seed re-runs existed): not re-run",
+                            run.info.run_id, TAG_CONFIG)
+                continue
+            refs.append((run.info.run_id, seed, remote.remote(cfg, seed, run.info.run_id, v["fixed"])))
+        for run_id, seed, ref in refs:
+            try:
+                ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - the row says which seeds are missing
+                log.warning("seed re-run of %s with seed %d failed: %s", run_id, seed, str(e).splitlines()[0][:300])
+
+    return launch
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -250,8 +296,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     t0 = time.perf_counter()
     tracker = sweep(v, args)
+    seeds = None
+    if args.seeds > 1:
+        from tune.seeds import SeedReruns
+
+        seeds = SeedReruns(tracker, args.seeds, launch=_ray_launcher(v, args))
     rows = select_sweep(tracker, v["tasks"], v["budgets"], v["out"] / "selection", args.budget_mode,
-                        args.select_by, sweep=v["experiment"], rule=args.rule)
+                        args.select_by, sweep=v["experiment"], rule=args.rule, data_dir=v["train"]["data_dir"],
+                        seeds=seeds, latency_device=args.latency_device)
     print(format_table(rows))
     print(f"\nsweep {v['experiment']} ({v['scale']} sizes) took {time.perf_counter() - t0:.0f} s; "
           f"selection: {v['out'] / 'selection' / 'selection.json'}; MLflow: {v['uri']}")

@@ -41,11 +41,13 @@ from mlflow import MlflowClient
 
 from tasks import compute_metrics
 from tune.pareto import (BUDGET_MODES, RULES, SELECT_BY, Point, Selection, check_budget, check_rule,
-                         reference_point, select)
+                         reference_point, select, threshold)
 from tune.stats import (CONFIDENCE, GUARD_Z, MIN_RESAMPLES, RESAMPLES, SEED, Bootstrap, Difference, Guard, Interval,
                         check_resamples, fallback_guard, percentile_interval)
 from tune.tracking import (TAG_ROLE, TAG_SWEEP, TAG_TASK, Tracker, TrackingError, check_reachable,
                            default_tracking_uri, with_retry)
+from tune.heldout import Report, report_score, within
+from tune.seeds import SeedReruns, SeedStats, check_seeds, fmt, holds_up
 
 if TYPE_CHECKING:
     from tasks import TaskSpec
@@ -57,6 +59,8 @@ PREDICTIONS_ARTIFACT = "eval_predictions.npz"
 LEARNED, NOT_LEARNED, UNVERIFIED = "learned", "not_learned", "unverified"
 #: per (task, budget) row status in selection.json
 SELECTED, NONE_ELIGIBLE = "selected", "none_eligible"
+#: which latency --select-by latency compares: the trial's device (its GPU when it had one) or the CPU
+LATENCY_DEVICES = ("trial", "cpu")
 
 
 class UsageError(ValueError):
@@ -321,23 +325,31 @@ def _ci(i: Interval | None) -> list[float] | None:
 
 def select_sweep(tracker: Tracker, tasks: list[str], budgets: list[float], out_dir: Path, mode: str = "relative",
                  select_by: str = "sparsity", sweep: str | None = None, do_register: bool = True, *,
-                 rule: str = "paired", n_resamples: int = RESAMPLES, seed: int = SEED) -> list[dict[str, Any]]:
+                 rule: str = "paired", n_resamples: int = RESAMPLES, seed: int = SEED, data_dir: str | None = None,
+                 seeds: SeedReruns | None = None, latency_device: str = "trial") -> list[dict[str, Any]]:
     """Select per task and budget; write files, register, tag; return one record per (task, budget).
 
     ``rule``: ``paired`` (default) or ``plain``; the trivial-predictor guard applies under both.
+    ``data_dir``: where the evaluation data is (for the picks' held-out report score, tune.heldout).
+    ``seeds``: seed re-runs of the reference and the picks (tune.seeds); None = the sweep's trials only.
+    ``latency_device``: ``trial`` (the latency on the trial's device: its GPU when it had one) or ``cpu``.
     """
+    if latency_device not in LATENCY_DEVICES:
+        raise UsageError(f"--latency-device {latency_device!r} is invalid; accepted: {', '.join(LATENCY_DEVICES)}")
+    latency = "cpu_latency_ms" if latency_device == "cpu" else "latency_ms"
     check_rule(rule)
     check_resamples(n_resamples)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for task in tasks:
-        points = [p for p in tracker.trial_points(task, sweep) if np.isfinite(p.score) and np.isfinite(p.sparsity)]
+        points = [p for p in tracker.trial_points(task, sweep, latency)
+                  if np.isfinite(p.score) and np.isfinite(p.sparsity)]
         if not points:
             log.warning("task %s has no finished trial: nothing to select", task)
             continue
         rows += _select_task(tracker, task, points, budgets, out_dir, mode, select_by, sweep, do_register, rule,
-                             n_resamples, seed)
+                             n_resamples, seed, data_dir, seeds)
     tmp = out_dir / ".selection.json.tmp"
     tmp.write_text(json.dumps(rows, indent=2, default=str))
     os.replace(tmp, out_dir / "selection.json")
@@ -346,10 +358,11 @@ def select_sweep(tracker: Tracker, tasks: list[str], budgets: list[float], out_d
 
 def _select_task(tracker: Tracker, task: str, points: list[Point], budgets: list[float], out_dir: Path, mode: str,
                  select_by: str, sweep: str | None, do_register: bool, rule: str, n_resamples: int,
-                 seed: int) -> list[dict[str, Any]]:
+                 seed: int, data_dir: str | None = None, seeds: SeedReruns | None = None) -> list[dict[str, Any]]:
     from tasks import get_task
 
-    ev = TaskEvidence(tracker, get_task(task), points, n_resamples, seed)
+    spec = get_task(task)
+    ev = TaskEvidence(tracker, spec, points, n_resamples, seed)
     _log_intervals(tracker, ev, points)
     status, reason, guard_point, guard = task_guard(ev, points)
     _tag_parents(tracker, task, sweep, status, reason)
@@ -366,6 +379,7 @@ def _select_task(tracker: Tracker, task: str, points: list[Point], budgets: list
     if guard.method != "bootstrap" and status == LEARNED:
         notes.append(f"task guard without eval predictions: {guard.reason}")
     rows = []
+    reports: dict[str, Report] = {}
     for b in budgets:
         dest = out_dir / task / f"budget-{b:g}"
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -378,9 +392,22 @@ def _select_task(tracker: Tracker, task: str, points: list[Point], budgets: list
             "bootstrap": {"resamples": n_resamples, "seed": seed, "confidence": CONFIDENCE, "guard_z": GUARD_Z},
         }
         s = None
+        dropped: list[dict[str, Any]] = []
+        seed_stats: dict[str, SeedStats] = {}
         if status == LEARNED:
-            s = select(points, b, mode, select_by, rule=applied, exclude=excluded,
-                       diff_low={k: d.low for k, d in diffs.items() if d is not None} if applied == "paired" else None)
+            diff_low = {k: d.low for k, d in diffs.items() if d is not None} if applied == "paired" else None
+            s = select(points, b, mode, select_by, rule=applied, exclude=excluded, diff_low=diff_low)
+            while seeds is not None and seeds.n > 1 and s.chosen is not None:  # does the pick hold up?
+                seed_stats |= seeds.stats([ref, s.chosen])
+                pick_st, ref_st = seed_stats[s.chosen.id], seed_stats[ref.id]
+                if holds_up(pick_st, ref_st, b, mode):
+                    break
+                dropped.append({"run_id": s.chosen.id, "seeds": pick_st.to_dict(),
+                                "reason": f"mean over {len(pick_st.scores)} seeds {pick_st.mean:.4f} is below the "
+                                          f"threshold {threshold(ref_st.mean, b, mode):.4f} from the reference's mean "
+                                          f"{ref_st.mean:.4f}"})
+                s = select(points, b, mode, select_by, rule=applied,
+                           exclude=excluded | {d["run_id"] for d in dropped}, diff_low=diff_low)
         if s is not None and s.chosen is not None:
             run = s.chosen.info["run"]
             previous = json.loads(sel_file.read_text()) if sel_file.is_file() else None
@@ -394,6 +421,21 @@ def _select_task(tracker: Tracker, task: str, points: list[Point], budgets: list
             if s.chosen.id not in ev.preds:
                 pick_notes.append("the chosen trial has no eval predictions: no interval; it passed the guard by the "
                                   "1/sqrt(n) fallback")
+            if run.info.run_id not in reports:  # once per pick (two budgets may pick the same trial)
+                reports[run.info.run_id] = report_score(tracker, run, spec, dest, data_dir, n_resamples, seed)
+            rep = reports[run.info.run_id]
+            if dropped:
+                pick_notes.append(f"{len(dropped)} earlier pick(s) did not hold up over seeds and were dropped "
+                                  "(dropped_after_seeds)")
+            if rep.note:
+                pick_notes.append(rep.note)
+            pick_seeds = seed_stats.get(run.info.run_id)
+            ref_seeds = seed_stats.get(ref.id)
+            if pick_seeds is not None and pick_seeds.missing:
+                pick_notes.append(f"seed re-runs missing for seeds {pick_seeds.missing}: the mean is over "
+                                  f"{len(pick_seeds.scores)} seeds")
+            if version is not None:
+                _tag_version(tracker, task, version, run.data.metrics.get("score"), rep, pick_seeds)
             record |= {
                 "status": SELECTED, "reason": reason, "notes": pick_notes, "threshold": s.threshold,
                 "chosen_run_id": run.info.run_id, "chosen_trial_id": run.data.tags.get("ray_trial_id"),
@@ -401,12 +443,19 @@ def _select_task(tracker: Tracker, task: str, points: list[Point], budgets: list
                 "score_ci": _ci(ev.interval(run.info.run_id)),
                 "diff_vs_reference": d.to_dict() if d is not None else None, "sparsity": m.get("sparsity"),
                 "speedup": m.get("speedup"), "latency_ms": m.get("latency_ms"), "params": dict(run.data.params),
+                "speedup_iqr": [m["speedup_q25"], m["speedup_q75"]] if "speedup_q25" in m else None,
+                "latency_device": run.data.tags.get("latency_device") or None, "cpu_latency_ms": m.get("cpu_latency_ms"),
+                "cpu_speedup": m.get("cpu_speedup"),
                 "metrics": dict(m) | _ci_metrics(ev, run.info.run_id), "eligible": s.eligible,
                 "considered": s.considered, "excluded": len(excluded), "rule": s.rule_text(),
                 "candidates": _candidates(ev, points, diffs, s), "model_dir": str(dest.resolve()),
                 "registered_model": f"finegates-{task}" if version else None, "model_version": version,
                 "alias": alias_for(b) if version else None,
                 "validation_source": run.data.tags.get("validation_source", ""),
+                "selection_score": m.get("score"), **rep.to_dict(),
+                "report_within_selection_ci": within(rep, _ci(ev.interval(run.info.run_id))),
+                "seeds": pick_seeds.to_dict() if pick_seeds else None,
+                "reference_seeds": ref_seeds.to_dict() if ref_seeds else None, "dropped_after_seeds": dropped,
             }
         else:  # no pick: no model directory, no alias (an earlier selection's are removed)
             if s is not None:
@@ -429,6 +478,10 @@ def _select_task(tracker: Tracker, task: str, points: list[Point], budgets: list
                 "rule": s.rule_text() if s else row_reason, "candidates": _candidates(ev, points, diffs, s),
                 "model_dir": None, "registered_model": None, "model_version": None, "alias": None,
                 "validation_source": ref.info["run"].data.tags.get("validation_source", ""),
+                "selection_score": None, "report_score": None, "report_score_ci": None, "report_n": None,
+                "report_note": "", "report_within_selection_ci": None, "seeds": None,
+                "reference_seeds": seed_stats[ref.id].to_dict() if ref.id in seed_stats else None,
+                "dropped_after_seeds": dropped,
             }
         record = _finite(record)
         tmp = sel_file.with_suffix(".tmp")
@@ -436,6 +489,24 @@ def _select_task(tracker: Tracker, task: str, points: list[Point], budgets: list
         os.replace(tmp, sel_file)
         rows.append(record)
     return rows
+
+
+def _tag_version(tracker: Tracker, task: str, version: str, selection: float | None, rep: "Report",
+                 seed_stats: SeedStats | None) -> None:
+    """What the registered model version serves, in its tags: held-out and selection scores, seeds."""
+    tags = {"selection_score": selection, "report_score": rep.score, "report_n": rep.n,
+            "report_score_ci": f"[{rep.ci[0]:.4f}, {rep.ci[1]:.4f}]" if rep.ci else None}
+    if seed_stats is not None:
+        tags |= {"seeds": len(seed_stats.scores), "score_mean_over_seeds": seed_stats.mean,
+                 "score_std_over_seeds": seed_stats.std}
+    for k, v in tags.items():
+        if v is None:
+            continue
+        try:
+            with_retry(lambda: tracker.client.set_model_version_tag(f"finegates-{task}", version, k, str(v)),
+                       "tag model version", attempts=3)
+        except Exception as e:  # noqa: BLE001 - the selection itself stands
+            log.warning("could not tag finegates-%s v%s with %s: %s", task, version, k, e)
 
 
 def _finite(x: Any) -> Any:
@@ -472,11 +543,20 @@ def _fmt_ci(score: float | None, ci: list[float] | None) -> str:
     return f"{score:.4f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else " [no CI]")
 
 
+def _fmt_speedup(r: dict[str, Any]) -> str:
+    """The speedup with its spread (quartiles of the interleaved timing rounds) and where it was timed."""
+    text = f"{(r['speedup'] or float('nan')):.2f}x"
+    if r.get("speedup_iqr"):
+        text += f" [{r['speedup_iqr'][0]:.2f}, {r['speedup_iqr'][1]:.2f}]"
+    dev = (r.get("latency_device") or "").split(" ")[0]
+    return text + (f" {dev}" if dev else "")
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The summary table (scores with their 95% bootstrap intervals), then one note per task that has no
     pick or whose selection fell back to a rule without predictions."""
-    head = ["task", "budget", "status", "reference", "chosen", "sparsity", "speedup", "method", "rule", "validation",
-            "path"]
+    head = ["task", "budget", "status", "reference", "chosen (selection part)", "report part", "over seeds",
+            "sparsity", "speedup [IQR] device", "method", "rule", "validation", "path"]
     lines = [head]
     notes: dict[str, str] = {}  # text -> where (each text once)
     for r in rows:
@@ -485,8 +565,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         lines.append([r["task"], f"{r['budget']:g}", status.replace("_", " "),
                       _fmt_ci(r["reference_score"], r.get("reference_score_ci")),
                       _fmt_ci(r["score"], r.get("score_ci")) if chosen else "-",
+                      _fmt_ci(r.get("report_score"), r.get("report_score_ci")) if chosen else "-",
+                      fmt(r.get("seeds")) if chosen else "-",
                       f"{r['sparsity']:.1%}" if chosen else "-",
-                      f"{(r['speedup'] or float('nan')):.2f}x" if chosen else "-", r["method"] or "-",
+                      _fmt_speedup(r) if chosen else "-", r["method"] or "-",
                       r.get("rule_applied") or "-", r["validation_source"], r["model_dir"] or "-"])
         texts = ([r.get("reason", "")] if status != SELECTED else []) + list(r.get("notes") or [])
         for t in texts:
@@ -505,6 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default="0.02", help="comma list of budgets in [0, 1]")
     p.add_argument("--budget-mode", default="relative", choices=BUDGET_MODES)
     p.add_argument("--select-by", default="sparsity", choices=SELECT_BY)
+    p.add_argument("--latency-device", default="trial", choices=LATENCY_DEVICES,
+                   help="latency compared by --select-by latency: the trial's device (GPU bf16 when it had one) or cpu")
     p.add_argument("--rule", default="paired", choices=RULES,
                    help="eligibility: paired = the 95%% paired bootstrap CI of (trial - reference) shows the loss "
                         "is within budget; plain = the point score is within budget (docs/SELECTION.md)")
@@ -515,6 +599,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlflow-uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     p.add_argument("--out", default=None, help="output dir (default: runs/<experiment>/selection)")
     p.add_argument("--no-register", action="store_true", help="do not touch the model registry")
+    p.add_argument("--data-dir", default=None, help="GLUE Parquet dir, to score each pick once on its report part "
+                   "(default: $FINEGATES_GLUE_DIR, else the trial's recorded data dir)")
+    p.add_argument("--seeds", type=int, default=1, help="judge picks by their mean over this many seeds, reading the "
+                   "re-runs that tune.run --seeds made (this command trains nothing)")
     return p
 
 
@@ -541,10 +629,19 @@ def main(argv: list[str] | None = None) -> int:
         else:
             runs = tracker.find_runs("tags.`finegates.role` = 'trial'")
             tasks = sorted({r.data.tags.get(TAG_TASK) for r in runs if r.data.tags.get(TAG_TASK)})
+        try:
+            check_seeds(args.seeds)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        data_dir = args.data_dir or os.environ.get("FINEGATES_GLUE_DIR") or None
+        if data_dir is not None and not Path(data_dir).is_dir():
+            raise UsageError(f"--data-dir {data_dir!r} is not a directory; accepted: the GLUE Parquet folder")
         out = Path(args.out or Path("runs") / args.experiment / "selection").resolve()
         rows = select_sweep(tracker, tasks, budgets, out, args.budget_mode, args.select_by,
                             do_register=not args.no_register, rule=args.rule, n_resamples=args.resamples,
-                            seed=args.bootstrap_seed)
+                            seed=args.bootstrap_seed, data_dir=data_dir,
+                            seeds=SeedReruns(tracker, args.seeds) if args.seeds > 1 else None,
+                            latency_device=args.latency_device)
     except (UsageError, TrackingError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -34,7 +34,8 @@ PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 FINAL_METRICS = ("score", "sparsity", "gate_sparsity", "params_total", "params_trainable", "trainable_pct",
                  "params_exported", "latency_ms", "dense_latency_ms", "speedup", "train_time_s",
                  "export_max_abs_diff", "n_train", "n_eval", "teacher_score", "teacher_train_time_s",
-                 "trivial_score")
+                 "trivial_score", "speedup_q25", "speedup_q75", "cpu_latency_ms", "cpu_dense_latency_ms", "cpu_speedup",
+                 "cpu_speedup_q25", "cpu_speedup_q75")
 
 
 class TrackingError(RuntimeError):
@@ -135,6 +136,27 @@ class Tracker:
         with_retry(lambda: self.client.log_batch(run.info.run_id, params=_params(flat)), "log params")
         return run.info.run_id
 
+    def rerun_run(self, sweep: str, trial_run_id: str, task: str, method: str, seed: int) -> str:
+        """A seed re-run's run (tune.seeds): a child of the trial it repeats, found again if it exists."""
+        from tune.seeds import ROLE_RERUN
+
+        runs = self.find_runs(f"tags.`{TAG_ROLE}` = '{ROLE_RERUN}'", f"tags.`mlflow.parentRunId` = '{trial_run_id}'",
+                              f"tags.`seed` = '{seed}'")
+        if runs:
+            with_retry(lambda: self.client.update_run(runs[0].info.run_id, status="RUNNING"), "reopen run")
+            return runs[0].info.run_id
+        tags = {"mlflow.parentRunId": trial_run_id, TAG_ROLE: ROLE_RERUN, TAG_TASK: task, TAG_METHOD: method,
+                TAG_SWEEP: sweep, "seed": str(seed), "node_id": _node_id()}
+        run = with_retry(lambda: self.client.create_run(self.experiment_id, run_name=f"{task}-{method}-seed{seed}",
+                                                        tags=tags), "create re-run")
+        with_retry(lambda: self.client.log_batch(run.info.run_id, params=_params({"seed": str(seed),
+                                                                                   "rerun_of": trial_run_id})),
+                   "log params")
+        return run.info.run_id
+
+    def tag(self, run_id: str, key: str, value: str) -> None:
+        with_retry(lambda: self.client.set_tag(run_id, key, value), f"tag {key}")
+
     def log_epoch(self, run_id: str, metrics: dict[str, Any], step: int) -> None:
         from mlflow.entities import Metric
 
@@ -153,8 +175,10 @@ class Tracker:
         # later timestamp), so MLflow's "latest" score is the exported model's
         step = int(result.get("epochs_completed", 0))
         ms = [Metric(k, float(v), now, step) for k, v in result.items()
-              if (k in FINAL_METRICS or k.startswith("eval_")) and _is_number(v)]
+              if (k in FINAL_METRICS or k.startswith(("eval_", "gpu_"))) and _is_number(v)]
         tags = [RunTag("validation_source", str(result.get("validation_source", ""))),
+                RunTag("latency_device", str(result.get("latency_device", ""))),
+                RunTag("latency_note", str(result.get("latency_note", ""))),
                 RunTag("model_path", str(model_dir or "")),
                 RunTag("predictions_path", str(result.get("predictions_path") or ""))]
         if result.get("teacher_path"):  # the cached teacher this trial distilled from (trained by it or reused)
@@ -208,7 +232,9 @@ class Tracker:
         return closed
 
     # ---- Pareto
-    def trial_points(self, task: str, sweep: str | None = None) -> list[Point]:
+    def trial_points(self, task: str, sweep: str | None = None, latency: str = "latency_ms") -> list[Point]:
+        """The task's finished trials as points; ``latency``: the metric that is their latency
+        (``latency_ms``: on the trial's device; ``cpu_latency_ms``: on the CPU)."""
         filters = [f"tags.`{TAG_ROLE}` = 'trial'", f"tags.`{TAG_TASK}` = '{task}'"]
         if sweep:
             filters.append(f"tags.`{TAG_SWEEP}` = '{sweep}'")
@@ -216,7 +242,7 @@ class Tracker:
         for r in self.find_runs(*filters, status="FINISHED"):
             m = r.data.metrics
             if "score" in m and "sparsity" in m:
-                pts.append(Point(r.info.run_id, m["score"], m["sparsity"], m.get("latency_ms", math.inf),
+                pts.append(Point(r.info.run_id, m["score"], m["sparsity"], m.get(latency, m.get("latency_ms", math.inf)),
                                  info={"run": r, **m}))
         return pts
 

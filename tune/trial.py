@@ -7,6 +7,7 @@ and makes a final report with ``final=True`` that the searcher tells its Optuna 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import tempfile
@@ -15,6 +16,7 @@ from typing import Any
 
 from finegates.config import TrainConfig
 from finegates.train import EpochReport, run
+from tune.heldout import TAG_CONFIG
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,8 @@ def trial_fn(config: dict[str, Any], fixed: dict[str, Any]) -> None:
     params = {k: v for k, v in config.items() if not k.startswith("_")} | {
         k: v for k, v in cfg.to_dict().items() if k not in ("data_dir", "output_dir", "extra")} | cfg.extra
     run_id = tracker.trial_run(fixed["sweep"], fixed["parents"][task], trial_id, task, method, params)
+    # the exact config, for the selector's held-out scoring and seed re-runs (tune.heldout, tune.seeds)
+    tracker.tag(run_id, TAG_CONFIG, json.dumps({k: v for k, v in cfg.to_dict().items() if k != "output_dir"}))
 
     def on_epoch(rep: EpochReport) -> None:
         m = rep.metrics
@@ -81,3 +85,22 @@ def trial_fn(config: dict[str, Any], fixed: dict[str, Any]) -> None:
 
 def _numbers(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def seed_rerun(config_json: str, seed: int, trial_run_id: str, fixed: dict[str, Any]) -> float:
+    """One seed re-run of a trial (tune.seeds): its exact config and data, another training seed; logged as an
+    MLflow child run of the trial (metrics and eval predictions, no model). Returns the score."""
+    from tune.tracking import Tracker
+
+    tracker = Tracker(fixed["mlflow_uri"], experiment_id=fixed["experiment_id"])
+    cfg = TrainConfig.from_dict(json.loads(config_json))
+    out = Path(fixed["models_dir"]) / cfg.task / "seed-reruns" / f"{trial_run_id}-seed{seed}"
+    cfg = dataclasses.replace(cfg, data_seed=cfg.subset_seed, seed=seed, output_dir=str(out))
+    run_id = tracker.rerun_run(fixed["sweep"], trial_run_id, cfg.task, cfg.method, seed)
+    try:
+        result = run(cfg)
+        tracker.finish_trial(run_id, result, None)
+    except BaseException as e:
+        tracker.fail_trial(run_id, e)
+        raise
+    return float(result["score"])

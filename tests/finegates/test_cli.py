@@ -20,6 +20,7 @@ CASES = [
     (["--warmup-frac", "0.8", "--recovery-frac", "0.5"], "warmup_frac + recovery_frac=1.3 is invalid; accepted: at most 1"),
     (["--teacher", "bert"], "teacher='bert' is invalid; accepted: none, lora, full"),
     (["--distill-alpha", "2"], "distill_alpha=2.0 is invalid; accepted: a number in [0, 1]"),
+    (["--dual-lr", "0"], "dual_lr=0.0 is invalid; accepted: a finite number > 0"),
 ]
 
 

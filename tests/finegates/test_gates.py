@@ -265,3 +265,12 @@ def test_aligned_pin_exports_the_target_without_padding_and_never_reopens(layout
     step = 2 * 8 * 4 * 64 / (2 * (4 * 64 * 64 + 2 * 64 * 128))
     assert 0.4 <= stats.sparsity <= 0.4 + step
     assert unpinned.sparsity < stats.sparsity
+
+
+def test_speedup_spread_comes_from_interleaved_rounds():
+    from finegates.latency import speedup_stats
+
+    st = speedup_stats(dense=[10.0, 12.0, 11.0, 30.0], exported=[5.0, 6.0, 11.0, 10.0])
+    assert st["latency_ms"] == 8.0 and st["dense_latency_ms"] == 11.5
+    assert st["speedup"] == 2.0  # ratios 2, 2, 1, 3: median 2
+    assert st["speedup_q25"] <= 2.0 <= st["speedup_q75"] and st["speedup_q25"] < st["speedup_q75"]

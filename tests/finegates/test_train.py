@@ -34,6 +34,11 @@ def test_result_fields_and_files(learned):
     assert result["params_total"] == 22_713_986  # MiniLM + 2-class head
     assert 0 < result["params_trainable"] < 0.01 * result["params_total"]
     assert result["export_max_abs_diff"] <= 1e-4
+    # a CPU-only machine times on the CPU only, and says so
+    assert result["latency_device"] == "cpu" and "CPU latency only" in result["latency_note"]
+    assert result["latency_ms"] == result["cpu_latency_ms"] and result["speedup"] == result["cpu_speedup"]
+    assert result["speedup_q25"] <= result["speedup"] <= result["speedup_q75"]
+    assert not any(k.startswith("gpu_") for k in result)
     saved = json.loads((out / "result.json").read_text())
     assert saved["score"] == result["score"]
     assert load_compressed(result["model_path"]).config.num_labels == 2

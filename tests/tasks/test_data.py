@@ -68,3 +68,39 @@ def test_missing_validation_falls_back_to_a_disjoint_train_holdout(glue_dir, tok
 def test_stsb_labels_are_float(glue_dir, tokenizer):
     d = load_task_data(get_task("stsb"), tokenizer, data_dir=glue_dir, max_train=10, max_eval=10)
     assert all(isinstance(x["labels"], float) for x in d.train)
+
+
+def test_eval_split_is_disjoint_seeded_stratified_and_stable(glue_dir, tokenizer):
+    from tasks import split_eval
+
+    for name in ("rte", "stsb"):
+        task = get_task(name)
+        labels = load_split(task, task.validation_split, glue_dir)["label"].to_numpy()
+        sel, rep = split_eval(task, labels, 0.5, seed=7)
+        assert len(np.intersect1d(sel, rep)) == 0 and len(sel) + len(rep) == len(labels)
+        assert abs(len(rep) - len(labels) / 2) <= 5  # per-stratum rounding
+        again = split_eval(task, labels, 0.5, seed=7)
+        assert np.array_equal(sel, again[0]) and np.array_equal(rep, again[1])  # same seed, same parts (resume)
+        other = split_eval(task, labels, 0.5, seed=8)
+        assert not np.array_equal(rep, other[1])
+        if not task.is_regression:  # stratified: each part keeps the class balance
+            assert abs(labels[rep].mean() - labels[sel].mean()) < 0.02
+        else:
+            assert abs(np.median(labels[rep]) - np.median(labels[sel])) < 0.3
+    # the parts load_task_data returns are those rows, and the report part is never in the selection part
+    task = get_task("rte")
+    kw = dict(data_dir=glue_dir, max_train=16, max_eval=120, seed=3, max_length=32)
+    full = load_task_data(task, tokenizer, **kw)
+    sel = load_task_data(task, tokenizer, eval_part="selection", **kw)
+    rep = load_task_data(task, tokenizer, eval_part="report", **kw)
+    ids = lambda d: {tuple(r["input_ids"]) for r in d.eval}  # noqa: E731
+    assert len(sel.eval) + len(rep.eval) == len(full.eval) == 120
+    assert ids(sel) | ids(rep) == ids(full) and not (ids(sel) & ids(rep))
+    assert [r["input_ids"] for r in sel.train] == [r["input_ids"] for r in full.train]  # same train subset
+
+
+def test_eval_split_refuses_a_set_too_small_to_split():
+    from tasks import split_eval
+
+    with pytest.raises(TaskError, match="too small to split at report fraction 0.5 .15 selection / 15 report"):
+        split_eval(get_task("rte"), np.zeros(30, dtype=int), 0.5, seed=0)

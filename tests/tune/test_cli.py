@@ -19,6 +19,11 @@ CASES = [
     (["--search-space", "{bad"], "--search-space '{bad' is not a JSON object"),
     (["--search-space", '{"lr": [0, 1]}'], "search space lr=[0, 1] is invalid"),
     (["--model", "/no/such/model"], "model path '/no/such/model' does not exist"),
+    (["--seeds", "0"], "--seeds 0 is invalid; accepted: an integer >= 1"),
+    (["--report-frac", "1.5"], "--report-frac 1.5 is out of range; accepted: a number in (0, 1)"),
+    (["--report-frac", "0"], "--report-frac 0 is out of range"),
+    (["--tasks", "rte", "--max-eval", "30"], "task 'rte': its evaluation set of 30 examples is too small to split at "
+                                              "report fraction 0.5 (15 selection / 15 report)"),
 ]
 
 

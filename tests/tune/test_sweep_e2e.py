@@ -22,7 +22,8 @@ def sweep(loopback_only, glue_dir, tmp_path_factory):
     code, out, err = run_cli("tune.run", [
         # SST-2 learns at these sizes (its model is registered and served); RTE does not (the guard says so)
         "--smoke-test", "--tasks", "sst2,rte", "--trials-per-task", "3", "--budget", "0.02,0.5",
-        "--max-train", "320", "--epochs", "2", "--max-eval", "200", "--rule", "plain",
+        # 400 eval examples: 200 for selection, 200 held out to report each pick once; picks re-run with 2 seeds
+        "--max-train", "320", "--epochs", "2", "--max-eval", "400", "--rule", "plain", "--seeds", "2",
         "--mlflow-uri", uri, "--storage", str(d / "ray"), "--out", str(d / "out"), "--experiment", "e2e",
         "--data-dir", str(glue_dir), "--verbose", "0",
         # high targets and a fast gate lr so that gates close even in a 4-step smoke trial
@@ -118,9 +119,43 @@ def test_rerunning_the_selector_changes_nothing(sweep):
     d, uri, _ = sweep
     before = json.loads((d / "out" / "selection" / "selection.json").read_text())
     code, out, err = run_cli("tune.select", ["--experiment", "e2e", "--mlflow-uri", uri, "--budget", "0.02,0.5",
-                                             "--rule", "plain", "--out", str(d / "out" / "selection")], cwd=d)
+                                             "--rule", "plain", "--seeds", "2", "--out", str(d / "out" / "selection")],
+                             cwd=d)
     assert code == 0, err[-2000:]
     after = json.loads((d / "out" / "selection" / "selection.json").read_text())
     key = lambda rows: {(r["task"], r["budget"]): (r["chosen_run_id"], r["model_version"]) for r in rows}  # noqa: E731
     assert key(before) == key(after)
     assert "finegates-sst2" not in err  # no new model version was registered
+
+
+def test_picks_are_scored_once_on_the_held_out_part_and_rerun_with_seeds(sweep):
+    """Runs after the selector was run twice (the sweep's, then test_rerunning_the_selector_changes_nothing)."""
+    d, uri, out = sweep
+    c, exp, runs = trial_runs(uri)
+    rows = json.loads((d / "out" / "selection" / "selection.json").read_text())
+    picked = [r for r in rows if r["status"] == "selected"]
+    assert picked
+    for r in picked:
+        assert r["selection_score"] == r["score"] and r["report_n"] == 200
+        lo, hi = r["report_score_ci"]
+        assert lo <= r["report_score"] <= hi
+        assert isinstance(r["report_within_selection_ci"], bool)
+        # re-run with a second training seed, logged as a child of the pick; the row reports mean +- std
+        assert r["seeds"]["seeds"] == [1948, 1949] and len(r["seeds"]["scores"]) == 2
+        assert r["seeds"]["mean"] == pytest.approx(sum(r["seeds"]["scores"]) / 2)
+        reruns = c.search_runs([exp.experiment_id], "tags.`finegates.role` = 'seed-rerun' and "
+                                                    f"tags.`mlflow.parentRunId` = '{r['chosen_run_id']}'")
+        assert [(x.data.tags["seed"], x.info.status) for x in reruns] == [("1949", "FINISHED")]
+        assert reruns[0].data.metrics["score"] == pytest.approx(r["seeds"]["scores"][1])
+        mv = c.get_model_version_by_alias(f"finegates-{r['task']}", r["alias"])
+        assert float(mv.tags["report_score"]) == pytest.approx(r["report_score"])
+        assert float(mv.tags["selection_score"]) == pytest.approx(r["score"]) and mv.tags["seeds"] == "2"
+    assert "report part" in out and "over seeds" in out
+    # trials were scored on their 200-example selection part; only picks have a report score, made once
+    picks = {r["chosen_run_id"] for r in picked}
+    for run in runs:
+        if run.info.status != "FINISHED":
+            continue
+        assert run.data.tags["task"] != "sst2" or run.data.metrics["n_eval"] == 200
+        hist = c.get_metric_history(run.info.run_id, "report_score")
+        assert len(hist) == (1 if run.info.run_id in picks else 0), run.info.run_id

@@ -1,0 +1,115 @@
+"""Held-out reporting: the chosen model of each task and budget is scored once on the report part.
+
+A sweep's trials are evaluated on the *selection* part of each task's evaluation set (a seeded,
+stratified split, :func:`tasks.split_eval`; ``tune.run --report-frac``). The selector picks with those
+scores, so the pick's selection score is biased upward (winner's curse: the more trials, the more so).
+The *report* part is seen by nobody until a model is picked; then the pick is scored on it once, and
+that is the score the table, ``selection.json`` and the registered model's tags report, beside the
+selection score.
+
+"Once": the first evaluation logs ``report_score`` (with its 95% bootstrap interval and the number of
+examples) on the pick's MLflow run and its predictions as the artifact ``report_predictions.npz``; a
+later selection that picks the same trial reads them back instead of evaluating again. Trials that are
+never picked are never evaluated on the report part.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tune.stats import CONFIDENCE, RESAMPLES, SEED, Bootstrap
+from tune.tracking import Tracker, with_retry
+
+if TYPE_CHECKING:
+    from finegates.config import TrainConfig
+    from tasks import TaskSpec
+
+log = logging.getLogger(__name__)
+
+TAG_CONFIG = "train_config"  # the trial's effective TrainConfig as JSON (written by tune.trial)
+REPORT_ARTIFACT = "report_predictions.npz"
+
+
+@dataclass
+class Report:
+    """A pick's score on the report part (``score`` is None, with a ``note``, when it cannot be made)."""
+
+    score: float | None
+    ci: tuple[float, float] | None = None
+    n: int | None = None
+    note: str = ""
+    computed_now: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"report_score": self.score, "report_score_ci": list(self.ci) if self.ci else None,
+                "report_n": self.n, "report_note": self.note}
+
+
+def trial_config(run, data_dir: str | None = None) -> "TrainConfig | None":
+    """The trial's TrainConfig from its ``train_config`` tag (None for runs made before it was recorded).
+    ``data_dir`` (the selector's) replaces the trial's when given: the data may live elsewhere here."""
+    from finegates.config import TrainConfig
+
+    raw = run.data.tags.get(TAG_CONFIG)
+    if not raw:
+        return None
+    cfg = TrainConfig.from_dict(json.loads(raw))
+    return replace(cfg, data_dir=data_dir) if data_dir else cfg
+
+
+def report_score(tracker: Tracker, run, task: "TaskSpec", model_dir: str | os.PathLike, data_dir: str | None = None,
+                 n_resamples: int = RESAMPLES, seed: int = SEED) -> Report:
+    """The pick's report-part score: read back when it was made before, else computed now (once) and logged
+    on its run."""
+    m = run.data.metrics
+    if "report_score" in m:
+        ci = (m["report_score_ci_low"], m["report_score_ci_high"]) if "report_score_ci_low" in m else None
+        return Report(m["report_score"], ci, int(m["report_n"]) if "report_n" in m else None)
+    cfg = trial_config(run, data_dir)
+    if cfg is None or cfg.eval_part != "selection":
+        return Report(None, note="no report part: this trial was evaluated on its whole evaluation set (a sweep made "
+                                 "before held-out reporting, or one run outside tune.run)")
+    from finegates.train import evaluate_checkpoint
+
+    preds, labels = evaluate_checkpoint(model_dir, cfg, "report")
+    bs = Bootstrap(task, labels, n_resamples, seed, CONFIDENCE)
+    ci = bs.interval(preds)
+    rep = Report(ci.estimate, (ci.low, ci.high), int(labels.size), computed_now=True)
+    _log(tracker, run.info.run_id, rep, preds, labels)
+    return rep
+
+
+def _log(tracker: Tracker, run_id: str, rep: Report, preds: np.ndarray, labels: np.ndarray) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric("report_score", float(rep.score), now, 0), Metric("report_n", float(rep.n), now, 0)]
+    if rep.ci:
+        metrics += [Metric("report_score_ci_low", float(rep.ci[0]), now, 0),
+                    Metric("report_score_ci_high", float(rep.ci[1]), now, 0)]
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / REPORT_ARTIFACT
+        np.savez(path, predictions=preds, labels=labels)
+        try:
+            with_retry(lambda: tracker.client.log_artifact(run_id, str(path)), "log report predictions", attempts=3)
+        except Exception as e:  # noqa: BLE001 - the score itself is what matters; it is still logged below
+            log.warning("could not log the report predictions of run %s: %s", run_id, e)
+    with_retry(lambda: tracker.client.log_batch(run_id, metrics=metrics), "log report score")
+
+
+def within(rep: Report, selection_ci: list[float] | None) -> bool | None:
+    """Whether the report score lies inside the pick's selection-part 95% interval (None if unknown)."""
+    if rep.score is None or not selection_ci:
+        return None
+    return bool(selection_ci[0] <= rep.score <= selection_ci[1])
+
+
+__all__ = ["REPORT_ARTIFACT", "Report", "TAG_CONFIG", "report_score", "trial_config", "within"]
