@@ -36,7 +36,7 @@ class TrainConfig:
     # optimisation
     lr: float = 2e-3  # head (and LoRA) learning rate
     gate_lr: float = 5e-2  # gate learning rate
-    dual_lr: float = 0.5  # controller: learning rate of its multipliers (docs/COMPRESSION.md)
+    dual_lr: float = 0.15  # controller: learning rate of its multipliers (docs/COMPRESSION.md)
     warmup_frac: float = 0.4  # controller: fraction of steps over which the target ramps up from 0
     recovery_frac: float = 0.3  # last fraction of steps with the structure fixed (0 = none)
     # distillation from a dense teacher finetuned on the same data (trained once, cached)

@@ -16,12 +16,13 @@ Two gate layouts:
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from finegates.gates import Gate, GatedLinear
+from finegates.gates import PINNED_OPEN_MIN, Gate, GatedLinear
 
 log = logging.getLogger(__name__)
 
@@ -185,17 +186,18 @@ def closure_sparsity(model: nn.Module, threshold: float) -> float:
 @torch.no_grad()
 def pin_to_target(model: nn.Module, target: float | None, align: int | None = None,
                   same_head_dim: bool | None = None) -> float:
-    """Fix the structure (see :meth:`Gate.pin`). With a ``target``, first close units until the removed
-    fraction reaches it; never reopens a closed unit.
+    """Fix the structure (see :meth:`Gate.pin`) at a ``target`` removed fraction.
 
-    ``align=None``: close the least open units (lowest mu), CoFi's deterministic mask, which keeps the units
-    with the largest scores in the number the L0 expectation asks for. Returns the mu threshold used
-    (-0.5: only the already closed units).
+    ``align=None``: close the least open units (lowest mu) until the removed fraction reaches the target;
+    never reopens a closed unit, so gates that closed more than the target stay so. Returns the mu
+    threshold used (-0.5: only the already closed units).
 
     ``align=k``: the structure the exporter writes with ``align=k``: per layer the kept heads share their
     Q/K width and their V/O width (one width for both if ``same_head_dim``, default ``k > 1``, as the
     exporter), widths in multiples of ``k``; so that the exported (aligned) sparsity, not only the gates',
-    reaches the target. Returns the price used.
+    is the target (within one width step). CoFi's deterministic mask: the units with the highest scores
+    are kept, in the number the target allows. When the gates closed more than the target, the least
+    closed units are reopened (eval gate 0.05; recovery trains them). Returns the price used.
     """
     if align is not None:
         return _pin_aligned(model, target, align, align > 1 if same_head_dim is None else same_head_dim)
@@ -222,12 +224,18 @@ def pin_to_target(model: nn.Module, target: float | None, align: int | None = No
 _CLOSED_THETA = -3.0
 
 
+_REOPEN_SCALE = 1e-3  # closed units rank below every open one, in the order of their mu
+
+
 def _benefit(*gates: Gate | None) -> torch.Tensor:
-    """Per unit: the eval gate before the upper clamp, mu + 0.5 (> 0 iff open), the smallest over the gates
-    that must all be open for the unit to survive; 0 for a closed unit (keeping it is zero padding)."""
+    """Per unit: its score for the kept structure. Open units: the eval gate before the upper clamp,
+    mu + 0.5 (> 0), the smallest over the gates that must all be open for the unit to survive. Closed units
+    (a gate at mu <= -0.5): a tiny positive score in the order of their mu, so that they are kept (reopened)
+    only when the gates have closed more than the target, the least closed first."""
     present = [g for g in gates if g is not None]
-    b = torch.stack([(g.mu + 0.5).masked_fill(g.closed(), 0.0) for g in present]).amin(dim=0)
-    return b.clamp(min=0.0)
+    mu = torch.stack([g.mu for g in present]).amin(dim=0)
+    closed = torch.stack([g.closed() for g in present]).any(dim=0)
+    return torch.where(closed, _REOPEN_SCALE * (mu + 1.0).clamp(min=0.0) + 1e-9, mu + 0.5)
 
 
 def _width_options(cap: int, align: int) -> list[int]:
@@ -298,10 +306,16 @@ def _plan_sparsity(model: nn.Module, units: list[_LayerUnits], price: float, ali
     return 1.0 - kept / total
 
 
+_REOPEN_THETA = math.atanh(PINNED_OPEN_MIN - 0.5)  # a reopened unit comes back gently: eval gate 0.05
+
+
 def _close(gates: tuple[Gate | None, ...], drop: torch.Tensor) -> None:
+    """Close the units in ``drop``; reopen the kept units that are closed (eval gate PINNED_OPEN_MIN)."""
     for g in gates:
         if g is not None:
-            g.theta.copy_(torch.where(drop, torch.full_like(g.theta, _CLOSED_THETA), g.theta))
+            reopen = ~drop & g.closed()
+            theta = torch.where(drop, torch.full_like(g.theta, _CLOSED_THETA), g.theta)
+            g.theta.copy_(torch.where(reopen, torch.full_like(g.theta, _REOPEN_THETA), theta))
 
 
 def _top_mask(values: torch.Tensor, n: int) -> torch.Tensor:
@@ -318,7 +332,7 @@ def _pin_aligned(model: nn.Module, target: float | None, align: int, same_head_d
     n_heads = int(model.config.num_attention_heads)
     layers = gated_layers(model)
     units = [_layer_units(lg, n_heads) for lg in layers]
-    lo = 0.0  # price 0: every open unit is worth keeping, padding is free
+    lo = 0.0  # price 0: every unit is worth keeping (nothing removed)
     if target is not None and _plan_sparsity(model, units, lo, align, same_head_dim) < target:
         hi = 2.0 + max(float(torch.cat([u.qk.flatten(), u.v.flatten(), u.ffn]).max()) for u in units)
         for _ in range(40):  # the optimum's kept size falls as the price rises: bisection on the price
