@@ -5,12 +5,9 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from finegates.errors import ConfigError
 from finegates.gated_model import LAYOUTS, PENALTIES
 from finegates.gates import GATE_INITS
-
-
-class ConfigError(ValueError):
-    """A bad configuration value. The message is one line naming the value and what is accepted."""
 
 
 METHODS = ("finegates",)  # extended by finegates.methods

@@ -169,8 +169,9 @@ class Lora(Method):
         from peft import LoraConfig, TaskType, get_peft_model
 
         r = cfg.rank or 8
-        targets = cfg.extra.get("target_modules", ["query", "value"])
-        save = ["classifier"] + (["pooler"] if getattr(model.base_model, "pooler", None) is not None else [])
+        fam = gm.family_of(model)
+        targets = cfg.extra.get("target_modules", list(fam.lora_targets))
+        save = fam.lora_modules_to_save(model)
         pcfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=r, lora_alpha=cfg.lora_alpha or 2 * r,
                           lora_dropout=float(cfg.extra.get("lora_dropout", 0.0)), target_modules=targets,
                           modules_to_save=save)
@@ -202,13 +203,13 @@ class GiftSW(Method):
     name = "gift-sw"
 
     def prepare(self, model, cfg, total_steps, calibration=None):
-        from finegates.baselines import ALL_SLOTS, GiftLinear, _replace, activation_norms
+        from finegates.baselines import GiftLinear, _replace, activation_norms
 
         if not calibration:
             raise ValueError("gift-sw needs calibration batches from the task's train data")
         k = int(cfg.extra.get("k", 16))
         bits = int(cfg.extra.get("bits", 4))
-        slots = tuple(cfg.extra.get("targets", ALL_SLOTS))
+        slots = cfg.extra.get("targets")  # None: every slot of the family
         gm.freeze_all_but_head(model)
         norms = activation_norms(model, calibration, slots)
 
@@ -244,11 +245,11 @@ class Propulsion(Method):
     name = "propulsion"
 
     def prepare(self, model, cfg, total_steps, calibration=None):
-        from finegates.baselines import ALL_SLOTS, PropulsionLinear, _replace
+        from finegates.baselines import PropulsionLinear, _replace
 
         degree = int(cfg.extra.get("degree", 15))
         gm.freeze_all_but_head(model)
-        _replace(model, tuple(cfg.extra.get("targets", ALL_SLOTS)), lambda lin, i, s: PropulsionLinear(lin, degree))
+        _replace(model, cfg.extra.get("targets"), lambda lin, i, s: PropulsionLinear(lin, degree))
         return model
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from finegates.arch import family_of_model_dir, get_family
 from finegates.config import ConfigError, TrainConfig
 from finegates.export import build_compressed, save_compressed
 from finegates.gated_model import count_parameters
@@ -62,13 +63,17 @@ def embedded_model_dir() -> str:
 
 
 def resolve_model(model: str | None) -> str:
-    """None / 'embedded' / 'minilm' -> the packaged all-MiniLM-L6-v2; a local path; or a hub id."""
+    """None / 'embedded' / 'minilm' -> the packaged all-MiniLM-L6-v2; a local path; or a hub id.
+
+    A local directory whose ``model_type`` no family of :mod:`finegates.arch` handles is refused here
+    (:class:`~finegates.arch.UnsupportedModelError`, a ConfigError), before anything is trained."""
     if model in (None, "", "embedded", "minilm", "all-MiniLM-L6-v2"):
         return embedded_model_dir()
     p = Path(model).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
             raise ConfigError(f"model path {str(p)!r} has no config.json; give a Hugging Face model directory or hub id")
+        family_of_model_dir(p)
         return str(p.resolve())
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise ConfigError(f"model path {model!r} does not exist; give a Hugging Face model directory, a hub id, "
@@ -166,6 +171,7 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool 
 
     # ---- data and model
     tokenizer, model = load_base(model_path, task.num_labels, task.label_names)
+    get_family(model)  # a hub model of an unsupported family stops here, before any training
     data = load_task_data(task, tokenizer, data_dir=cfg.data_dir, max_train=cfg.max_train, max_eval=cfg.max_eval,
                           seed=cfg.seed, max_length=cfg.max_length)
     params_base, _ = count_parameters(model)
