@@ -10,7 +10,6 @@ from finegates.gated_model import LAYOUTS, PENALTIES
 from finegates.gates import GATE_INITS
 
 
-METHODS = ("finegates",)  # extended by finegates.methods
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 TEACHERS = ("none", "lora", "full")
 
@@ -56,10 +55,10 @@ class TrainConfig:
     latency_batch: int = 8
     latency_length: int = 128
     latency_repeats: int = 10
-    extra: dict[str, Any] = field(default_factory=dict)  # method-specific options (issue: baselines)
+    extra: dict[str, Any] = field(default_factory=dict)  # the method's options (its Options dataclass)
 
     def __post_init__(self) -> None:
-        from finegates.methods import METHOD_NAMES
+        from finegates.methods import METHOD_NAMES, get_method_class
 
         def bad(name: str, value: Any, accepted: str) -> ConfigError:
             return ConfigError(f"{name}={value!r} is invalid; accepted: {accepted}")
@@ -69,6 +68,9 @@ class TrainConfig:
 
         if self.method not in METHOD_NAMES:
             raise bad("method", self.method, ", ".join(METHOD_NAMES))
+        if not isinstance(self.extra, dict):
+            raise bad("extra", self.extra, "a dict of the method's options")
+        get_method_class(self.method).parse_options(self.extra)  # unknown option or wrong type: ConfigError
         if not finite(self.lam) or self.lam < 0:
             raise bad("lambda", self.lam, "a finite number >= 0")
         if self.penalty not in PENALTIES:

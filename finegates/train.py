@@ -31,7 +31,7 @@ from finegates.config import ConfigError, TrainConfig
 from finegates.export import build_compressed, save_compressed
 from finegates.gated_model import count_parameters
 from finegates.latency import make_inputs, time_models
-from finegates.methods import METHOD_NAMES, get_method
+from finegates.methods import METHOD_NAMES, get_method, get_method_class, methods_help
 
 log = logging.getLogger(__name__)
 
@@ -309,13 +309,31 @@ def _none_or_int(s: str) -> int | None:
     return None if s.lower() in ("none", "all", "0") else int(s)
 
 
+def parse_options(method: str, items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings -> the method's ``extra`` dict (values parsed as JSON when they are JSON)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--option {item!r} is invalid; accepted: KEY=VALUE")
+        try:
+            out[key] = json.loads(raw)
+        except ValueError:
+            out[key] = raw
+    get_method_class(method).parse_options(out)
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="python -m finegates.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--task", default=d.task, help="GLUE task: cola sst2 mrpc stsb qqp mnli qnli rte wnli")
     p.add_argument("--model", default=None, help="HF model dir or hub id; default: the embedded all-MiniLM-L6-v2")
-    p.add_argument("--method", default=d.method, choices=METHOD_NAMES)
+    p.add_argument("--method", default=d.method, choices=METHOD_NAMES, help=methods_help())
+    p.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the method (repeatable), e.g. --method sparta --option density=0.05; "
+                        "values are JSON (numbers, lists) or plain strings")
     p.add_argument("--penalty", default=d.penalty, help="controller (CoFi Lagrangian to --target-sparsity), "
                    "paper (lambda*mean P(open)), code (official target matching, weight lambda)")
     p.add_argument("--target-sparsity", type=float, default=d.target_sparsity,
@@ -362,11 +380,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from tasks import TaskError, get_task
 
-    kw = {k: v for k, v in vars(args).items() if k not in ("no_progress", "smoke_test", "history")}
+    kw = {k: v for k, v in vars(args).items() if k not in ("no_progress", "smoke_test", "history", "options")}
     if args.smoke_test:
         kw.update(max_train=64, max_eval=64, epochs=1.0, max_length=64, latency_repeats=3, latency_batch=4)
     try:
         get_task(args.task)
+        kw["extra"] = parse_options(args.method, args.options)
         cfg = TrainConfig(**kw)
         resolve_model(cfg.model)
         from tasks import resolve_data_dir
