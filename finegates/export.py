@@ -1,6 +1,8 @@
 """Export a trained gated model as a physically smaller Hugging Face checkpoint.
 
-Per layer (W' = folded eval weights, see :meth:`GatedLinear.folded`):
+The model's family (:mod:`finegates.arch`) does the pruning and names the compressed modeling file; this
+module dispatches, saves and loads. For BERT/RoBERTa (finegates/arch/bert.py; Llama: finegates/arch/llama.py),
+per layer (W' = folded eval weights, see :meth:`GatedLinear.folded`):
 
 * FFN neuron j is kept iff up-row j and down-column j are both non-zero in W' (GELU(0) = 0).
 * Q/K dimension j of head h is kept iff Q-row j and K-row j are non-zero (q_j k_j = 0 otherwise).
@@ -18,7 +20,8 @@ up rows, zero up bias and zero down columns (act(0) = 0). ``align=1, same_head_d
 exact minimal layout.
 
 The checkpoint holds config.json, model.safetensors (fp32, bf16 or fp16: ``save_compressed(dtype=...)``),
-the tokenizer and ``modeling_finegates.py``; no pickle. Load it with :func:`load_compressed` or with
+the tokenizer and the family's modeling file (``modeling_finegates.py``, ``modeling_finegates_llama.py``);
+no pickle. Load it with :func:`load_compressed` or with
 transformers and ``trust_remote_code=True``.
 """
 from __future__ import annotations
