@@ -38,14 +38,14 @@ def inputs(pad_id: int, side: str, seed: int = 0):
     mask = torch.ones_like(ids)
     if side == "right":
         mask[1, 11:], mask[3, 5:] = 0, 0
-    else:
+    elif side == "left":
         mask[1, :6], mask[3, :12] = 0, 0
     ids[mask == 0] = pad_id
     return {"input_ids": ids, "attention_mask": mask}
 
 
 def sides(name: str) -> list[str]:
-    return ["right", "left"] if name.startswith("llama") else ["right"]  # encoders are right-padded
+    return ["right", "left", "none"] if name.startswith("llama") else ["right", "none"]  # encoders: right-padded
 
 
 @pytest.mark.parametrize("name", list(TINY))
