@@ -22,21 +22,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finegates.gated_model import _layer_modules, base_encoder
+from finegates.gated_model import SLOTS, family_of
 
 log = logging.getLogger(__name__)
-ALL_SLOTS = ("q", "k", "v", "o", "up", "down")
+ALL_SLOTS = SLOTS  # BERT's six; ``None`` as targets means every slot of the model's family
 
 
-def _replace(model: nn.Module, slots: Iterable[str], make) -> list[nn.Module]:
-    """Replace the given slots of every layer by ``make(linear, layer_index, slot)``."""
+def _layer_slots(model: nn.Module):
+    """(layer index, slot, parent, attr) of every target linear, as the model's family places them."""
+    fam = family_of(model)
+    for i, layer in enumerate(fam.layers(model)):
+        for slot, (parent, attr) in fam.layer_modules(layer).items():
+            yield i, slot, parent, attr
+
+
+def _replace(model: nn.Module, slots: Iterable[str] | None, make) -> list[nn.Module]:
+    """Replace the given slots (None: all) of every layer by ``make(linear, layer_index, slot)``."""
     new = []
-    for i, layer in enumerate(base_encoder(model).layer):
-        for slot, (parent, attr) in _layer_modules(layer).items():
-            if slot in slots:
-                mod = make(getattr(parent, attr), i, slot)
-                setattr(parent, attr, mod)
-                new.append(mod)
+    for i, slot, parent, attr in list(_layer_slots(model)):
+        if slots is None or slot in slots:
+            mod = make(getattr(parent, attr), i, slot)
+            setattr(parent, attr, mod)
+            new.append(mod)
     return new
 
 
@@ -93,20 +100,20 @@ class GiftLinear(nn.Module):
 
 
 @torch.no_grad()
-def activation_norms(model: nn.Module, batches: list[dict], slots: Iterable[str]) -> dict[tuple[int, str], torch.Tensor]:
+def activation_norms(model: nn.Module, batches: list[dict], slots: Iterable[str] | None
+                     ) -> dict[tuple[int, str], torch.Tensor]:
     """Per-input-column L2 norm of the activations entering each targeted linear (calibration)."""
     norms: dict[tuple[int, str], torch.Tensor] = {}
     hooks = []
-    for i, layer in enumerate(base_encoder(model).layer):
-        for slot, (parent, attr) in _layer_modules(layer).items():
-            if slot not in slots:
-                continue
+    for i, slot, parent, attr in _layer_slots(model):
+        if slots is not None and slot not in slots:
+            continue
 
-            def hook(mod, inp, out, key=(i, slot)):
-                x = inp[0].detach().float().reshape(-1, inp[0].shape[-1])
-                norms[key] = norms.get(key, 0) + (x * x).sum(0)
+        def hook(mod, inp, out, key=(i, slot)):
+            x = inp[0].detach().float().reshape(-1, inp[0].shape[-1])
+            norms[key] = norms.get(key, 0) + (x * x).sum(0)
 
-            hooks.append(getattr(parent, attr).register_forward_hook(hook))
+        hooks.append(getattr(parent, attr).register_forward_hook(hook))
     was = model.training
     model.eval()
     try:

@@ -5,15 +5,11 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from finegates.errors import ConfigError
 from finegates.gated_model import LAYOUTS, PENALTIES
 from finegates.gates import GATE_INITS
 
 
-class ConfigError(ValueError):
-    """A bad configuration value. The message is one line naming the value and what is accepted."""
-
-
-METHODS = ("finegates",)  # extended by finegates.methods
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 TEACHERS = ("none", "lora", "full")
 EVAL_PARTS = ("all", "selection", "report")  # tasks.data.EVAL_PARTS
@@ -66,10 +62,10 @@ class TrainConfig:
     latency_batch: int = 8
     latency_length: int = 128
     latency_repeats: int = 10
-    extra: dict[str, Any] = field(default_factory=dict)  # method-specific options (issue: baselines)
+    extra: dict[str, Any] = field(default_factory=dict)  # the method's options (its Options dataclass)
 
     def __post_init__(self) -> None:
-        from finegates.methods import METHOD_NAMES
+        from finegates.methods import METHOD_NAMES, get_method_class
 
         def bad(name: str, value: Any, accepted: str) -> ConfigError:
             return ConfigError(f"{name}={value!r} is invalid; accepted: {accepted}")
@@ -79,6 +75,9 @@ class TrainConfig:
 
         if self.method not in METHOD_NAMES:
             raise bad("method", self.method, ", ".join(METHOD_NAMES))
+        if not isinstance(self.extra, dict):
+            raise bad("extra", self.extra, "a dict of the method's options")
+        get_method_class(self.method).parse_options(self.extra)  # unknown option or wrong type: ConfigError
         if not finite(self.lam) or self.lam < 0:
             raise bad("lambda", self.lam, "a finite number >= 0")
         if self.penalty not in PENALTIES:

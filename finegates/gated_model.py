@@ -1,14 +1,13 @@
-"""Putting gates into a Hugging Face encoder classifier, and the sparsity penalties.
+"""Putting gates into a Hugging Face classifier, and the sparsity penalties.
 
-Supported: BERT-family and RoBERTa-family encoders (``<prefix>.encoder.layer[i]`` with
-``attention.self.{query,key,value}``, ``attention.output.dense``, ``intermediate.dense``,
-``output.dense``), e.g. the embedded all-MiniLM-L6-v2, bert-base, roberta-base.
+Supported: the families of :mod:`finegates.arch` (BERT/RoBERTa encoders, Llama-style decoders), which
+say where the layers are, which linears of a layer are gated (the slots) and which units go together.
 
 Two gate layouts:
 
-* ``independent`` (the paper): a row and a column gate on each of Q, K, V, O, FFN-up, FFN-down.
-  Residual-side gates (columns of Q/K/V/up, rows of O/down) can only be folded into weights; they
-  never remove a parameter.
+* ``independent`` (the paper): a row and a column gate on every slot (BERT: Q, K, V, O, FFN-up,
+  FFN-down). Residual-side gates (columns of Q/K/V/up, rows of O/down) can only be folded into weights;
+  they never remove a parameter.
 * ``coupled``: one gate per physically removable unit: rows of Q, K, V and FFN-up. A closed V row
   removes that row of V and the matching column of O; a closed up row removes an FFN neuron (its
   up row and down column); a closed Q or K row removes that dimension from both Q and K.
@@ -22,46 +21,41 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from finegates.arch import Family, get_family
 from finegates.gates import PINNED_OPEN_MIN, Gate, GatedLinear
 
 log = logging.getLogger(__name__)
 
 LAYOUTS = ("independent", "coupled")
 PENALTIES = ("controller", "paper", "code")
-SLOTS = ("q", "k", "v", "o", "up", "down")
+SLOTS = ("q", "k", "v", "o", "up", "down")  # BERT's slots (a family may have more: Llama's "gate")
 
 
-@dataclass
 class LayerGates:
-    """The six gated linears of one transformer layer."""
+    """The gated linears of one transformer layer, by slot (``lg.q``, ``lg.up``, ...)."""
 
-    q: GatedLinear
-    k: GatedLinear
-    v: GatedLinear
-    o: GatedLinear
-    up: GatedLinear
-    down: GatedLinear
+    def __init__(self, meta: dict | None = None, **gated: GatedLinear) -> None:
+        self.gated = dict(gated)
+        self.meta = dict(meta or {})  # family facts, e.g. Llama's (heads, kv heads, head dim)
+
+    def __getattr__(self, slot: str) -> GatedLinear:
+        gated = self.__dict__.get("gated", {})
+        if slot in gated:
+            return gated[slot]
+        raise AttributeError(slot)
 
     def items(self) -> list[tuple[str, GatedLinear]]:
-        return [(s, getattr(self, s)) for s in SLOTS]
+        return list(self.gated.items())
+
+
+def family_of(model: nn.Module) -> Family:
+    """The model's family (:mod:`finegates.arch`); an :class:`~finegates.arch.UnsupportedModelError` if none."""
+    return get_family(model)
 
 
 def base_encoder(model: nn.Module) -> nn.Module:
-    """The encoder module holding ``layer`` (``model.bert.encoder``, ``model.roberta.encoder``)."""
-    base = getattr(model, "base_model", model)
-    enc = getattr(base, "encoder", None)
-    if enc is None or not hasattr(enc, "layer"):
-        raise ValueError(f"model type {getattr(model.config, 'model_type', type(model).__name__)!r} is not "
-                         "supported; supported: BERT- and RoBERTa-family encoders")
-    return enc
-
-
-def _layer_modules(layer: nn.Module) -> dict[str, tuple[nn.Module, str]]:
-    att = layer.attention
-    return {
-        "q": (att.self, "query"), "k": (att.self, "key"), "v": (att.self, "value"),
-        "o": (att.output, "dense"), "up": (layer.intermediate, "dense"), "down": (layer.output, "dense"),
-    }
+    """The encoder module holding ``layer`` (BERT/RoBERTa only; kept for callers of the old name)."""
+    return get_family("bert").encoder(model)
 
 
 def apply_gates(model: nn.Module, *, layout: str = "coupled", rank: int = 0, lora_alpha: float | None = None,
@@ -70,34 +64,29 @@ def apply_gates(model: nn.Module, *, layout: str = "coupled", rank: int = 0, lor
     everything but gates, LoRA, (optionally) the gated biases and the classification head."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown gate layout {layout!r}; accepted: {', '.join(LAYOUTS)}")
-    enc = base_encoder(model)
+    fam = family_of(model)
     freeze_all_but_head(model)
     layers: list[LayerGates] = []
-    for layer in enc.layer:
+    meta = fam.layer_meta(model)
+    for layer in fam.layers(model):
         gated = {}
-        for slot, (parent, attr) in _layer_modules(layer).items():
+        for slot, (parent, attr) in fam.layer_modules(layer).items():
             base = getattr(parent, attr)
-            if layout == "independent":
-                row, col = True, True
-            else:
-                row, col = slot in ("q", "k", "v", "up"), False
+            row, col = fam.gate_sides(slot, layout)
             gl = GatedLinear(base, row=row, col=col, rank=rank, lora_alpha=lora_alpha, train_bias=train_bias,
                              gate_init=gate_init)
             gl.to(device=base.weight.device)
             setattr(parent, attr, gl)
             gated[slot] = gl
-        layers.append(LayerGates(**gated))
+        layers.append(LayerGates(meta, **gated))
     model.finegates_layers = layers  # type: ignore[attr-defined]
     return layers
 
 
 def trainable_head_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The classification head: every parameter outside the embeddings and the encoder
-    (BERT: pooler + classifier; RoBERTa: classifier.dense + classifier.out_proj)."""
-    base = getattr(model, "base_model", model)
-    inner = {id(p) for m in (getattr(base, "embeddings", None), getattr(base, "encoder", None)) if m is not None
-             for p in m.parameters()}
-    return [p for p in model.parameters() if id(p) not in inner]
+    """The classification head, as the model's family defines it (BERT: pooler + classifier; RoBERTa:
+    classifier.dense + classifier.out_proj; Llama: score)."""
+    return family_of(model).head_parameters(model)
 
 
 def freeze_all_but_head(model: nn.Module) -> None:
@@ -144,31 +133,21 @@ def penalty_code(model: nn.Module, target_sparsity: float) -> torch.Tensor:
     return torch.stack(terms).mean()
 
 
-def _keep(gate: Gate | None, size: int, like: torch.Tensor, keep_fn) -> torch.Tensor:
-    return keep_fn(gate) if gate is not None else like.new_ones(size)
-
-
 def structural_sparsity(model: nn.Module, keep_fn) -> torch.Tensor:
     """Fraction of gated weight parameters removed when each gate keeps its units with ``keep_fn(gate)``
     (a probability per unit for the expectation, an indicator for a fixed structure).
 
-    Per layer, a Q/K dimension j survives iff Q-row j and K-row j are open; a V/O dimension iff V-row j
-    and O-column j; an FFN neuron iff up-row j and down-column j. Each survivor keeps 2 * hidden weights.
+    Which units go together is the family's (:meth:`finegates.arch.Family.layer_kept`). BERT: per layer,
+    a Q/K dimension j survives iff Q-row j and K-row j are open; a V/O dimension iff V-row j and O-column
+    j; an FFN neuron iff up-row j and down-column j. Each survivor keeps 2 * hidden weights.
     (Head padding at export can keep a few more; the exporter reports the true count.)
     """
+    fam = family_of(model)
     kept, total = 0.0, 0
     for lg in gated_layers(model):
-        h = lg.q.in_features
-        ref = lg.q.weight
-
-        def k(gate: Gate | None, size: int) -> torch.Tensor:
-            return _keep(gate, size, ref, keep_fn)
-
-        pq, pk = k(lg.q.row_gate, lg.q.out_features), k(lg.k.row_gate, lg.k.out_features)
-        pv, po = k(lg.v.row_gate, lg.v.out_features), k(lg.o.col_gate, lg.o.in_features)
-        pu, pd = k(lg.up.row_gate, lg.up.out_features), k(lg.down.col_gate, lg.down.in_features)
-        kept = kept + 2 * h * ((pq * pk).sum() + (pv * po).sum()) + 2 * lg.up.in_features * (pu * pd).sum()
-        total += sum(gl.weight.numel() for _, gl in lg.items())
+        k, t = fam.layer_kept(lg, keep_fn)
+        kept = kept + k
+        total += t
     return 1.0 - kept / total
 
 
@@ -199,7 +178,7 @@ def pin_to_target(model: nn.Module, target: float | None, align: int | None = No
     are kept, in the number the target allows. When the gates closed more than the target, the least
     closed units are reopened (eval gate 0.05; recovery trains them). Returns the price used.
     """
-    if align is not None:
+    if align is not None and family_of(model).name == "bert":  # the aligned plan knows BERT's layout only
         return _pin_aligned(model, target, align, align > 1 if same_head_dim is None else same_head_dim)
     lo = -0.5  # mu <= -0.5 is closed already
     if target is not None and closure_sparsity(model, lo) < target:

@@ -26,11 +26,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from finegates.arch import family_of_model_dir, get_family
 from finegates.config import ConfigError, TrainConfig
 from finegates.export import build_compressed, save_compressed
 from finegates.gated_model import count_parameters
 from finegates.latency import measure_latency
-from finegates.methods import METHOD_NAMES, get_method
+from finegates.methods import METHOD_NAMES, get_method, get_method_class, methods_help
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +63,17 @@ def embedded_model_dir() -> str:
 
 
 def resolve_model(model: str | None) -> str:
-    """None / 'embedded' / 'minilm' -> the packaged all-MiniLM-L6-v2; a local path; or a hub id."""
+    """None / 'embedded' / 'minilm' -> the packaged all-MiniLM-L6-v2; a local path; or a hub id.
+
+    A local directory whose ``model_type`` no family of :mod:`finegates.arch` handles is refused here
+    (:class:`~finegates.arch.UnsupportedModelError`, a ConfigError), before anything is trained."""
     if model in (None, "", "embedded", "minilm", "all-MiniLM-L6-v2"):
         return embedded_model_dir()
     p = Path(model).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
             raise ConfigError(f"model path {str(p)!r} has no config.json; give a Hugging Face model directory or hub id")
+        family_of_model_dir(p)
         return str(p.resolve())
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise ConfigError(f"model path {model!r} does not exist; give a Hugging Face model directory, a hub id, "
@@ -188,6 +193,7 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool 
 
     # ---- data and model
     tokenizer, model = load_base(model_path, task.num_labels, task.label_names)
+    get_family(model)  # a hub model of an unsupported family stops here, before any training
     data = load_task_data(task, tokenizer, data_dir=cfg.data_dir, max_train=cfg.max_train, max_eval=cfg.max_eval,
                           seed=cfg.subset_seed, max_length=cfg.max_length, eval_part=cfg.eval_part,
                           report_frac=cfg.report_frac)
@@ -327,13 +333,31 @@ def _none_or_int(s: str) -> int | None:
     return None if s.lower() in ("none", "all", "0") else int(s)
 
 
+def parse_options(method: str, items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings -> the method's ``extra`` dict (values parsed as JSON when they are JSON)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--option {item!r} is invalid; accepted: KEY=VALUE")
+        try:
+            out[key] = json.loads(raw)
+        except ValueError:
+            out[key] = raw
+    get_method_class(method).parse_options(out)
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="python -m finegates.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--task", default=d.task, help="GLUE task: cola sst2 mrpc stsb qqp mnli qnli rte wnli")
     p.add_argument("--model", default=None, help="HF model dir or hub id; default: the embedded all-MiniLM-L6-v2")
-    p.add_argument("--method", default=d.method, choices=METHOD_NAMES)
+    p.add_argument("--method", default=d.method, choices=METHOD_NAMES, help=methods_help())
+    p.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the method (repeatable), e.g. --method sparta --option density=0.05; "
+                        "values are JSON (numbers, lists) or plain strings")
     p.add_argument("--penalty", default=d.penalty, help="controller (CoFi Lagrangian to --target-sparsity), "
                    "paper (lambda*mean P(open)), code (official target matching, weight lambda)")
     p.add_argument("--target-sparsity", type=float, default=d.target_sparsity,
@@ -382,11 +406,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from tasks import TaskError, get_task
 
-    kw = {k: v for k, v in vars(args).items() if k not in ("no_progress", "smoke_test", "history")}
+    kw = {k: v for k, v in vars(args).items() if k not in ("no_progress", "smoke_test", "history", "options")}
     if args.smoke_test:
         kw.update(max_train=64, max_eval=64, epochs=1.0, max_length=64, latency_repeats=3, latency_batch=4)
     try:
         get_task(args.task)
+        kw["extra"] = parse_options(args.method, args.options)
         cfg = TrainConfig(**kw)
         resolve_model(cfg.model)
         from tasks import resolve_data_dir

@@ -1,10 +1,9 @@
 """Search spaces per method, as Optuna distributions, and each method's reference trial.
 
-FineGates searches the sparsity it is asked to reach (``target_sparsity``, the controller's target: the
-same value gives the same exported sparsity at any training length, which a penalty weight does not), the
-learning rate of the head and LoRA (log scale) and the LoRA rank inside the gates (0 = gates only) jointly.
-Its reference trial is the dense one (target 0: gates and the rest train, no penalty). Ranges come from
-the measurements in docs/GATE_DEFAULTS.md and docs/COMPRESSION.md.
+The ranges are the methods' own plain data (``search``, ``reference``, ``reference_name`` of each module
+in finegates/methods/); this module only turns them into Optuna distributions. FineGates searches the
+sparsity it is asked to reach, the learning rate (log scale) and the LoRA rank inside the gates; its
+reference trial is the dense one (target 0).
 """
 from __future__ import annotations
 
@@ -12,7 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
-from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+
+from finegates.methods import METHODS, Choice, LogUniform, Range, Uniform
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class SearchSpace:
     fixed: dict[str, Any] = field(default_factory=dict)  # TrainConfig values for every trial of the method
 
     def sample(self, trial: optuna.Trial) -> dict[str, Any]:
-        return {name: trial._suggest(name, dist) for name, dist in self.distributions.items()}
+        return {name: _suggest(trial, name, dist) for name, dist in self.distributions.items()}
 
     def in_space(self, params: dict[str, Any]) -> dict[str, Any]:
         """The reference params that lie inside the distributions (to tell Optuna about the reference)."""
@@ -39,60 +40,43 @@ class SearchSpace:
         return inside
 
 
+def _suggest(trial: optuna.Trial, name: str, dist: BaseDistribution) -> Any:
+    """One value from ``dist`` through Optuna's public suggest API."""
+    if isinstance(dist, FloatDistribution):
+        return trial.suggest_float(name, dist.low, dist.high, log=dist.log, step=dist.step)
+    if isinstance(dist, IntDistribution):
+        return trial.suggest_int(name, dist.low, dist.high, log=dist.log, step=dist.step)
+    if isinstance(dist, CategoricalDistribution):
+        return trial.suggest_categorical(name, list(dist.choices))
+    raise TypeError(f"unsupported distribution {dist!r} for {name!r}")
+
+
+def distribution(r: Range) -> BaseDistribution:
+    """A method's plain-data range as an Optuna distribution."""
+    if isinstance(r, Uniform):
+        return FloatDistribution(r.low, r.high)
+    if isinstance(r, LogUniform):
+        return FloatDistribution(r.low, r.high, log=True)
+    if isinstance(r, Choice):
+        return CategoricalDistribution(list(r.choices))
+    raise TypeError(f"unsupported range {r!r}")
+
+
 SPACES: dict[str, SearchSpace] = {
-    "finegates": SearchSpace(
-        "finegates",
-        {"target_sparsity": FloatDistribution(0.1, 0.8), "lr": FloatDistribution(3e-4, 1e-2, log=True),
-         "rank": CategoricalDistribution([0, 4, 8])},
-        reference={"target_sparsity": 0.0, "lr": 2e-3, "rank": 0},
-        reference_name="dense reference (target sparsity 0)",
-    ),
-    "finegates-lora": SearchSpace(
-        "finegates-lora",
-        {"target_sparsity": FloatDistribution(0.1, 0.8), "lr": FloatDistribution(3e-4, 3e-3, log=True),
-         "rank": CategoricalDistribution([4, 8, 16])},
-        reference={"target_sparsity": 0.0, "lr": 1e-3, "rank": 8},
-        reference_name="dense reference with LoRA r=8 inside the gates (target sparsity 0)",
-    ),
-    "gift-sw": SearchSpace(
-        "gift-sw",
-        {"lr": FloatDistribution(1e-4, 3e-3, log=True), "k": CategoricalDistribution([8, 16, 32])},
-        reference={"lr": 1e-3, "k": 16},
-        reference_name="GIFT-SW, 16 salient columns per linear, lr 1e-3",
-    ),
-    "sparta": SearchSpace(
-        "sparta",
-        {"lr": FloatDistribution(1e-4, 1e-2, log=True), "density": FloatDistribution(0.002, 0.01, log=True)},
-        reference={"lr": 2e-3, "density": 0.01},
-        reference_name="SpaRTA, 1% of W_v and W_o, lr 2e-3",
-    ),
-    "propulsion": SearchSpace(
-        "propulsion",
-        {"lr": FloatDistribution(1e-4, 1e-2, log=True), "degree": CategoricalDistribution([5, 15, 35])},
-        reference={"lr": 2e-3, "degree": 15},
-        reference_name="Propulsion, degree 15, lr 2e-3",
-    ),
-    "lora": SearchSpace(
-        "lora",
-        {"lr": FloatDistribution(1e-4, 3e-3, log=True), "rank": CategoricalDistribution([4, 8, 16])},
-        reference={"lr": 1e-3, "rank": 8},
-        reference_name="LoRA r=8 on query/value, lr 1e-3",
-    ),
-    "full": SearchSpace(
-        "full",
-        {"lr": FloatDistribution(1e-5, 2e-4, log=True)},
-        reference={"lr": 5e-5},
-        reference_name="full finetuning, lr 5e-5",
-    ),
+    name: SearchSpace(name, {k: distribution(r) for k, r in m.search.items()}, dict(m.reference), m.reference_name)
+    for name, m in METHODS.items()
 }
+SEARCHABLE: tuple[str, ...] = tuple(sorted({k for sp in SPACES.values() for k in sp.distributions}))
 
 
 def override(space: SearchSpace, spec: dict[str, Any]) -> SearchSpace:
     """Replace ranges: ``{"lr": [1e-4, 1e-3]}`` (log-uniform; uniform for ``target_sparsity``) or
     ``{"rank": {"choices": [0, 8]}}``.
 
-    Unknown names are ignored for this method (they may belong to another method's space).
+    Names of another method's space are ignored for this method; a name in no method's space (a typo such
+    as ``lamda``) is refused with a one-line ValueError naming it and the accepted names.
     """
+    check_names(spec)
     dists = dict(space.distributions)
     for name, value in spec.items():
         if name not in dists:
@@ -109,6 +93,14 @@ def override(space: SearchSpace, spec: dict[str, Any]) -> SearchSpace:
         else:
             raise ValueError(f"search space {name}={value!r} is invalid; accepted: [low, high] or {{\"choices\": [...]}}")
     return SearchSpace(space.method, dists, space.reference, space.reference_name, space.fixed)
+
+
+def check_names(spec: dict[str, Any], methods: list[str] | None = None) -> None:
+    """Refuse a name that no searched method (``methods``; None: any registered method) searches."""
+    accepted = SEARCHABLE if methods is None else tuple(sorted({k for m in methods for k in get_space(m).distributions}))
+    for name in spec:
+        if name not in accepted:
+            raise ValueError(f"search space key {name!r} is unknown; accepted: {', '.join(accepted)}")
 
 
 def get_space(method: str) -> SearchSpace:

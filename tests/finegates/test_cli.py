@@ -56,6 +56,7 @@ def test_missing_or_corrupt_split(tmp_path, glue_dir, capsys, files, message):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # two fresh interpreters importing torch and transformers: ~10-20 s on 2 cores
 def test_process_exit_code_and_help():
     r = subprocess.run([sys.executable, "-m", "finegates.train", "--task", "nope"], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().startswith("error: unknown task 'nope'")

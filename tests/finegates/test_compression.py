@@ -36,6 +36,7 @@ def _fraction_scaling(cfg: TrainConfig) -> float:
     return seen["below_one"]
 
 
+@pytest.mark.slow
 def test_a_no_penalty_run_trains_its_gates_only_with_the_edge_init(glue_dir):
     edge = _fraction_scaling(TrainConfig(**TINY, data_dir=str(glue_dir), target_sparsity=0.0, teacher="none"))
     # the official init: above the clamp, a gate moves only where the noise put it below 1
@@ -45,6 +46,7 @@ def test_a_no_penalty_run_trains_its_gates_only_with_the_edge_init(glue_dir):
     assert saturated < 0.01, saturated  # a head + biases finetune in all but name
 
 
+@pytest.mark.slow
 def test_teacher_is_trained_once_and_reused_and_alpha_0_equals_no_teacher(glue_dir, tmp_path):
     kw = dict(TINY, data_dir=str(glue_dir), target_sparsity=0.0, teacher="lora", teacher_cache=str(tmp_path))
     first = run(TrainConfig(**kw))
@@ -67,6 +69,7 @@ def test_teacher_is_trained_once_and_reused_and_alpha_0_equals_no_teacher(glue_d
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
 
 
+@pytest.mark.slow
 def test_recovery_pins_the_structure_and_export_keeps_it(glue_dir):
     cfg = TrainConfig(**TINY | {"max_train": 128, "epochs": 2}, data_dir=str(glue_dir), target_sparsity=0.5,
                       gate_lr=0.2, warmup_frac=0.3, recovery_frac=0.5)

@@ -72,6 +72,7 @@ def test_at_init_the_model_computes_the_base_logits(name):
     assert torch.allclose(model(**x).logits, ref, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", METHOD_NAMES)
 def test_training_lowers_the_loss_and_export_reproduces_eval_logits(name, glue_dir, tokenizer, minilm_dir):
     from torch.utils.data import DataLoader

@@ -6,6 +6,9 @@ import pytest
 from finegates import TrainConfig, load_compressed
 from finegates.train import run
 
+pytestmark = pytest.mark.slow  # trains the real model / starts Ray and MLflow (fast lane: -m 'not slow')
+
+
 
 @pytest.fixture(scope="module")
 def learned(glue_dir, tmp_path_factory):

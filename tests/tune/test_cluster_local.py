@@ -17,6 +17,9 @@ from mlflow import MlflowClient
 
 from tests.tune.conftest import REPO, kill_group, run_cli, spawn_cli
 
+pytestmark = pytest.mark.slow  # trains the real model / starts Ray and MLflow (fast lane: -m 'not slow')
+
+
 
 def free_port() -> int:
     with socket.socket() as s:

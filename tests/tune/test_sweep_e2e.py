@@ -10,6 +10,9 @@ from mlflow import MlflowClient
 from tests.tune.conftest import run_cli
 from tune.pareto import Point, select
 
+pytestmark = pytest.mark.slow  # trains the real model / starts Ray and MLflow (fast lane: -m 'not slow')
+
+
 REQUIRED_PARAMS = {"task", "method", "target_sparsity", "lr", "rank", "reference", "max_train", "epochs", "teacher"}
 REQUIRED_METRICS = {"score", "sparsity", "gate_sparsity", "params_total", "params_trainable", "latency_ms",
                     "dense_latency_ms", "speedup"}

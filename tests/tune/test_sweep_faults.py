@@ -3,9 +3,12 @@ import signal
 import sqlite3
 import time
 
+import pytest
 from mlflow import MlflowClient
 
 from tests.tune.conftest import kill_group, run_cli, spawn_cli
+
+pytestmark = pytest.mark.slow  # trains the real model / starts Ray and MLflow (fast lane: -m 'not slow')
 
 
 def _runs(uri, experiment):

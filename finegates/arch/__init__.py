@@ -1,0 +1,137 @@
+"""Model families: everything FineGates knows about one kind of Hugging Face classifier, in one module.
+
+A family (:class:`Family`) says where the layers are, which linears of a layer are gated (the slots) and
+which units are removed together, the classification head, the LoRA targets, how the exporter turns a
+gated model into a smaller one, and which compressed modeling file is copied into checkpoints. Families
+are looked up by ``config.model_type``:
+
+>>> get_family("roberta").name
+'bert'
+
+Adding a family: one module here (subclass :class:`Family`, decorate it with :func:`register`, import it
+at the end of this file), one compressed modeling file (``finegates/modeling_finegates_<name>.py``, torch +
+transformers only) and one test parameter (docs/ARCHITECTURE.md).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from finegates.errors import ConfigError
+
+if TYPE_CHECKING:
+    from finegates.gated_model import LayerGates
+    from finegates.pruning import ExportStats
+
+KeepFn = Callable[[object], torch.Tensor]  # gate -> per-unit keep value (probability or indicator)
+
+
+class UnsupportedModelError(ConfigError):
+    """A model whose ``model_type`` no family handles. One line naming it and the accepted ones."""
+
+
+class Family:
+    """What FineGates knows about one model family. Subclasses fill in the class attributes and methods."""
+
+    name: ClassVar[str] = ""
+    model_types: ClassVar[tuple[str, ...]] = ()  # config.model_type values of the HF models it handles
+    compressed_model_type: ClassVar[str] = ""  # model_type of its exported (compressed) checkpoints
+    slots: ClassVar[tuple[str, ...]] = ()  # the gated linears of one layer, in order
+    coupled_rows: ClassVar[tuple[str, ...]] = ()  # slots with a row gate in the ``coupled`` layout
+    lora_targets: ClassVar[tuple[str, ...]] = ()  # peft target_modules of the ``lora`` method
+    modeling_file: ClassVar[Path]  # copied into every checkpoint as ``modeling_file.name``
+    config_class_name: ClassVar[str] = ""
+    model_class_name: ClassVar[str] = ""
+
+    # ---- where things are
+    def layers(self, model: nn.Module) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def layer_modules(self, layer: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+        """slot -> (parent module, attribute name) of the linear in that slot."""
+        raise NotImplementedError
+
+    def head_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """The classification head (trains in every method)."""
+        raise NotImplementedError
+
+    def lora_modules_to_save(self, model: nn.Module) -> list[str]:
+        """Module names peft trains in full next to the LoRA adapters (the head)."""
+        raise NotImplementedError
+
+    def layer_meta(self, model: nn.Module) -> dict:
+        """Facts about the layers that the gated linears do not show (e.g. head counts); kept on each
+        :class:`~finegates.gated_model.LayerGates` as ``meta``."""
+        return {}
+
+    def gate_sides(self, slot: str, layout: str) -> tuple[bool, bool]:
+        """(row gate, column gate) of ``slot`` in ``layout``."""
+        if layout == "independent":
+            return True, True
+        return slot in self.coupled_rows, False
+
+    # ---- which units go together
+    def layer_kept(self, lg: "LayerGates", keep: KeepFn) -> tuple[torch.Tensor, int]:
+        """(gated weights kept, gated weights in total) of one gated layer when each gate keeps its units
+        with ``keep(gate)`` (an indicator, or a probability for the expectation; differentiable)."""
+        raise NotImplementedError
+
+    # ---- export
+    def build_compressed(self, model: nn.Module, align: int, same_head_dim: bool) -> tuple[nn.Module, "ExportStats"]:
+        raise NotImplementedError
+
+    def compressed_classes(self) -> tuple[type, type]:
+        """(config class, model class) of the compressed modeling file."""
+        raise NotImplementedError
+
+
+FAMILIES: dict[str, Family] = {}  # family name -> family
+_BY_MODEL_TYPE: dict[str, Family] = {}
+
+
+def register(cls: type[Family]) -> type[Family]:
+    fam = cls()
+    FAMILIES[fam.name] = fam
+    for mt in (*fam.model_types, fam.compressed_model_type):
+        _BY_MODEL_TYPE[mt] = fam
+    return cls
+
+
+def supported_model_types() -> tuple[str, ...]:
+    return tuple(sorted(mt for fam in FAMILIES.values() for mt in fam.model_types))
+
+
+def get_family(what: object) -> Family:
+    """The family of a model, a config or a ``model_type`` string; :class:`UnsupportedModelError` if none."""
+    if isinstance(what, str):
+        mt = what
+    else:
+        cfg = getattr(what, "config", what)
+        mt = getattr(cfg, "model_type", None) or type(what).__name__
+    fam = _BY_MODEL_TYPE.get(mt)
+    if fam is None:
+        raise UnsupportedModelError(f"model type {mt!r} is not supported; accepted: "
+                                    f"{', '.join(supported_model_types())}")
+    return fam
+
+
+def family_of_model_dir(path: str | Path) -> Family:
+    """The family of a local Hugging Face model directory, from its config.json alone (nothing loaded)."""
+    import json
+
+    try:
+        mt = json.loads((Path(path) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {str(Path(path) / 'config.json')!r}: {type(e).__name__}") from e
+    return get_family(str(mt))
+
+
+# the families (each registers itself)
+from finegates.arch import bert as _bert  # noqa: E402,F401
+from finegates.arch import llama as _llama  # noqa: E402,F401
+
+__all__ = ["FAMILIES", "Family", "UnsupportedModelError", "family_of_model_dir", "get_family", "register",
+           "supported_model_types"]

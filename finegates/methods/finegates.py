@@ -1,0 +1,141 @@
+"""FineGates: row/column gates (+ optional LoRA inside the gates), see :mod:`finegates.gates`; and
+``finegates-lora`` (the same with LoRA r=8 inside the gates unless a rank is given).
+
+Search: the sparsity it is asked to reach (``target_sparsity``, the controller's target: the same value
+gives the same exported sparsity at any training length, which a penalty weight does not), the learning
+rate of the head and LoRA (log scale) and the LoRA rank inside the gates (0 = gates only) jointly. The
+reference trial is the dense one (target 0: gates and the rest train, no penalty). Ranges come from the
+measurements in docs/GATE_DEFAULTS.md and docs/COMPRESSION.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from finegates import gated_model as gm
+from finegates.export import DEFAULT_ALIGN
+from finegates.methods.base import Choice, LogUniform, Method, Uniform
+
+if TYPE_CHECKING:
+    from finegates.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+class FineGates(Method):
+    """Row/column gates (+ optional LoRA inside the gates), see :mod:`finegates.gates`.
+
+    The run has up to two phases. Pruning (steps ``[0, recovery_start)``): the penalty acts; with the
+    default controller the expected sparsity follows a target that ramps from 0 to ``target_sparsity``
+    over ``warmup_frac`` of the steps, so a target means the same at any run length. Recovery (the last
+    ``recovery_frac`` of the steps): the gates are pinned (closed units stay closed, open ones stay
+    open), the penalty is off, and the kept weights (gates, biases, LoRA, head) go on training.
+    """
+
+    name = "finegates"
+    help = "stochastic row/column gates, exported physically smaller (prunes)"
+    search = {"target_sparsity": Uniform(0.1, 0.8), "lr": LogUniform(3e-4, 1e-2), "rank": Choice((0, 4, 8))}
+    reference = {"target_sparsity": 0.0, "lr": 2e-3, "rank": 0}
+    reference_name = "dense reference (target sparsity 0)"
+    prunes = True
+
+    def __init__(self) -> None:
+        self.controller: gm.SparsityController | None = None
+        self.dual_opt: torch.optim.Optimizer | None = None
+        self.cfg: TrainConfig | None = None
+        self.model: nn.Module | None = None
+        self.recovery_start: int | None = None  # first step of the recovery phase (None: no recovery)
+        self.pinned_at: int | None = None
+
+    def penalised(self, cfg: "TrainConfig") -> bool:
+        if cfg.penalty == "controller":
+            return cfg.target_sparsity > 0
+        return cfg.lam > 0
+
+    def prepare(self, model: nn.Module, cfg: "TrainConfig", total_steps: int,
+                calibration: list[dict] | None = None) -> nn.Module:
+        self.cfg, self.model = cfg, model
+        gm.apply_gates(model, layout=cfg.layout, rank=cfg.rank, lora_alpha=cfg.lora_alpha, train_bias=cfg.train_bias,
+                       gate_init=cfg.gate_init)
+        if cfg.penalty == "controller" and self.penalised(cfg):
+            dev = next(model.parameters()).device
+            self.controller = gm.SparsityController(cfg.target_sparsity, int(cfg.warmup_frac * total_steps)).to(dev)
+            # gradient ascent on the multipliers (CoFi: lr -reg_lr); maximize=True is the same thing
+            self.dual_opt = torch.optim.AdamW(self.controller.parameters(), lr=cfg.dual_lr, maximize=True,
+                                              weight_decay=0.0)
+        if cfg.recovery_frac > 0 and self.penalised(cfg):
+            self.recovery_start = max(1, int(round((1.0 - cfg.recovery_frac) * total_steps)))
+        return model
+
+    def param_groups(self, model: nn.Module, cfg: "TrainConfig") -> list[dict]:
+        gate_ids = {id(p) for p in gm.gate_parameters(model)}
+        gates = [p for p in model.parameters() if id(p) in gate_ids]
+        others = [p for p in model.parameters() if p.requires_grad and id(p) not in gate_ids]
+        return [{"params": gates, "lr": cfg.gate_lr, "weight_decay": 0.0},
+                {"params": others, "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+
+    def in_recovery(self, step: int) -> bool:
+        return self.recovery_start is not None and step >= self.recovery_start
+
+    def regularizer(self, model: nn.Module, step: int) -> torch.Tensor | None:
+        cfg = self.cfg
+        assert cfg is not None
+        if self.in_recovery(step):
+            if self.pinned_at is None:
+                if cfg.penalty == "controller":  # pin the structure the exporter writes: it exports the target
+                    gm.pin_to_target(model, cfg.target_sparsity, align=DEFAULT_ALIGN)
+                else:
+                    gm.pin_to_target(model, None)
+                self.pinned_at = step
+                log.info("recovery from step %d: structure pinned at gate sparsity %.3f", step,
+                         gm.gate_sparsity(model))
+            return None
+        if not self.penalised(cfg):
+            return None
+        if cfg.penalty == "paper":
+            return cfg.lam * gm.penalty_paper(model)
+        if cfg.penalty == "code":
+            return cfg.lam * gm.penalty_code(model, cfg.target_sparsity)
+        assert self.controller is not None
+        return self.controller(gm.expected_sparsity(model), step)
+
+    def after_step(self) -> None:
+        if self.dual_opt is not None and self.pinned_at is None:
+            self.dual_opt.step()
+            self.dual_opt.zero_grad(set_to_none=True)
+        if self.pinned_at is not None and self.model is not None:
+            for g in gm.all_gates(self.model):
+                g.keep_open_()
+
+    def metrics(self, model: nn.Module) -> dict[str, float]:
+        with torch.no_grad():
+            out = {"gate_sparsity": gm.gate_sparsity(model), "expected_sparsity": float(gm.expected_sparsity(model))}
+            mus = torch.cat([g.mu for g in gm.all_gates(model)])
+            out["gate_mu_min"] = float(mus.min())
+            out["gate_mu_mean"] = float(mus.mean())
+        if self.controller is not None:
+            out["lagrange_l1"] = float(self.controller.l1.detach())
+        if self.pinned_at is not None:
+            out["pinned_at_step"] = self.pinned_at
+        return out
+
+
+
+class FineGatesLora(FineGates):
+    """FineGates with LoRA inside the gates: ``Diag(z_r)(W + B A)Diag(z_c)`` (rank 8 unless given)."""
+
+    name = "finegates-lora"
+    help = "FineGates with LoRA inside the gates (rank 8 unless --rank)"
+    search = {"target_sparsity": Uniform(0.1, 0.8), "lr": LogUniform(3e-4, 3e-3), "rank": Choice((4, 8, 16))}
+    reference = {"target_sparsity": 0.0, "lr": 1e-3, "rank": 8}
+    reference_name = "dense reference with LoRA r=8 inside the gates (target sparsity 0)"
+
+    def prepare(self, model: nn.Module, cfg: "TrainConfig", total_steps: int,
+                calibration: list[dict] | None = None) -> nn.Module:
+        if cfg.rank == 0:
+            cfg = dataclasses.replace(cfg, rank=8)
+        return super().prepare(model, cfg, total_steps, calibration)

@@ -1,0 +1,201 @@
+"""Every model family (finegates/arch) on tiny random configs: gated, exported exactly, loaded both ways.
+
+Adding a family = one entry in ``TINY`` (a tiny random ``*ForSequenceClassification``)."""
+import json
+
+import pytest
+import torch
+from transformers import (AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification,
+                          LlamaConfig, LlamaForSequenceClassification, RobertaConfig, RobertaForSequenceClassification)
+
+from finegates import apply_gates, build_compressed, load_compressed, save_compressed
+from finegates.arch import UnsupportedModelError, get_family, supported_model_types
+from finegates.gated_model import all_gates, expected_sparsity, gated_layers, structural_sparsity
+from tests.finegates._gating import randomize_gates
+
+KW = dict(vocab_size=120, hidden_size=48, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96,
+          num_labels=3, max_position_embeddings=80)
+TINY = {
+    "bert": lambda: BertForSequenceClassification(BertConfig(**KW)),
+    "roberta": lambda: RobertaForSequenceClassification(RobertaConfig(pad_token_id=1, **KW)),
+    "llama-mha": lambda: LlamaForSequenceClassification(LlamaConfig(num_key_value_heads=4, pad_token_id=0, **KW)),
+    "llama-gqa": lambda: LlamaForSequenceClassification(LlamaConfig(num_key_value_heads=2, pad_token_id=0, **KW)),
+    "llama-mqa": lambda: LlamaForSequenceClassification(LlamaConfig(num_key_value_heads=1, pad_token_id=0,
+                                                                    attention_bias=True, mlp_bias=True, **KW)),
+}
+
+
+def tiny(name: str, seed: int, layout: str = "coupled", closed_frac: float = 0.5):
+    torch.manual_seed(seed)
+    m = TINY[name]()
+    apply_gates(m, layout=layout, rank=2)
+    return randomize_gates(m, closed_frac)
+
+
+def inputs(pad_id: int, side: str, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 120, (4, 17), generator=g)
+    mask = torch.ones_like(ids)
+    if side == "right":
+        mask[1, 11:], mask[3, 5:] = 0, 0
+    elif side == "left":
+        mask[1, :6], mask[3, :12] = 0, 0
+    ids[mask == 0] = pad_id
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def sides(name: str) -> list[str]:
+    return ["right", "left", "none"] if name.startswith("llama") else ["right", "none"]  # encoders: right-padded
+
+
+@pytest.mark.parametrize("name", list(TINY))
+@pytest.mark.parametrize("layout", ["coupled", "independent"])
+def test_export_reproduces_gated_logits(name, layout):
+    seed = 1 if layout == "coupled" else 2
+    m = tiny(name, seed, layout)
+    for align in (1, 8):
+        small, stats = build_compressed(m, align=align)
+        for side in sides(name):
+            x = inputs(m.config.pad_token_id, side, seed)
+            assert (small(**x).logits - m(**x).logits).abs().max().item() <= 1e-4, (align, side)
+        assert 0 < stats.sparsity < 1
+        assert stats.sparsity <= stats.sparsity_minimal + 1e-12
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-mqa"])
+def test_llama_whole_kv_groups_heads_and_ffn_can_go(name):
+    m = tiny(name, 3, closed_frac=0.0)
+    H, Hkv, d = gated_layers(m)[0].meta["shape"]
+    G = H // Hkv
+    layers = m.model.layers
+    with torch.no_grad():
+        layers[0].self_attn.v_proj.row_gate.theta.fill_(-3.0)  # every V row: no head left in layer 0
+        layers[0].mlp.up_proj.row_gate.theta.fill_(-3.0)  # every SwiGLU neuron
+        layers[1].self_attn.v_proj.row_gate.theta[:d] = -3.0  # kv head 0: its whole query group goes
+        layers[2].self_attn.k_proj.row_gate.theta[:d] = -3.0  # K of kv head 0: its group attends uniformly
+    small, _ = build_compressed(m, align=1)
+    s0, s1, s2 = small.config.layers
+    assert s0["num_heads"] == 0 and s0["intermediate_size"] == 0
+    assert s1["num_kv_heads"] == Hkv - 1 and s1["num_heads"] == H - G
+    assert s2["num_heads"] == H and s2["num_kv_heads"] == Hkv
+    for side in ("right", "left"):
+        x = inputs(0, side)
+        assert (small(**x).logits - m(**x).logits).abs().max().item() <= 1e-4
+
+
+def test_llama_rotary_pairs_are_the_qk_unit():
+    """Closing one element of a rotary pair removes nothing; closing both removes the pair's Q rows (for
+    every query head of the group) and its K rows."""
+    m = tiny("llama-gqa", 4, closed_frac=0.0)
+    H, Hkv, d = gated_layers(m)[0].meta["shape"]
+    k = m.model.layers[0].self_attn.k_proj.row_gate
+    full, _ = build_compressed(m, align=1)
+    with torch.no_grad():
+        k.theta[0] = -3.0  # first element of pair 0 of kv head 0
+    one, _ = build_compressed(m, align=1)
+    assert one.config.layers[0]["qk_dim"] == full.config.layers[0]["qk_dim"] == d
+    with torch.no_grad():
+        k.theta[d // 2] = -3.0  # and its partner: pair 0 of kv head 0 is gone (head 1 keeps every pair)
+    both, _ = build_compressed(m, align=1)
+    assert both.config.layers[0]["rope_pairs"][0] == list(range(1, d // 2)) + [0]  # padded to the widest
+    x = inputs(0, "left")
+    assert (both(**x).logits - m(**x).logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_expected_sparsity_is_differentiable_and_zero_when_open(name):
+    torch.manual_seed(0)
+    m = TINY[name]()
+    apply_gates(m, layout="coupled")
+    assert float(structural_sparsity(m, lambda g: (~g.closed()).float())) == 0.0
+    s = expected_sparsity(m)
+    s.backward()
+    assert all(g.theta.grad is not None for g in all_gates(m))
+
+
+@pytest.mark.parametrize("name", ["bert", "llama-gqa"])
+def test_both_loaders_on_a_saved_checkpoint(name, tmp_path):
+    m = tiny(name, 5)
+    small, _ = build_compressed(m)
+    path = save_compressed(small, tmp_path / "ckpt", dtype="fp32")
+    fam = get_family(m)
+    assert (path / fam.modeling_file.name).is_file()
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["auto_map"]["AutoModelForSequenceClassification"] == f"{fam.modeling_file.stem}.{fam.model_class_name}"
+    a = load_compressed(path)
+    b = AutoModelForSequenceClassification.from_pretrained(str(path), trust_remote_code=True).eval()
+    for side in sides(name):
+        x = inputs(m.config.pad_token_id, side)
+        ref = m(**x).logits
+        for loaded in (a, b):
+            assert (loaded(**x).logits - ref).abs().max().item() <= 1e-4, (type(loaded).__name__, side)
+
+
+def test_compressed_llama_modeling_imports_only_torch_and_transformers():
+    import ast
+
+    src = get_family("llama").modeling_file.read_text()
+    roots = {(n.module if isinstance(n, ast.ImportFrom) else a.name).split(".")[0]
+             for n in ast.walk(ast.parse(src)) if isinstance(n, (ast.Import, ast.ImportFrom))
+             for a in (n.names if isinstance(n, ast.Import) else [n])}
+    assert roots <= {"__future__", "math", "torch", "transformers"}, roots
+
+
+def test_unsupported_model_type_is_one_line_naming_the_accepted_ones():
+    from transformers import ElectraConfig, ElectraForSequenceClassification
+
+    m = ElectraForSequenceClassification(ElectraConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                       num_attention_heads=2, intermediate_size=32, embedding_size=16))
+    with pytest.raises(UnsupportedModelError) as e:
+        apply_gates(m)
+    msg = str(e.value)
+    assert "\n" not in msg and "'electra'" in msg and all(t in msg for t in supported_model_types())
+    with pytest.raises(UnsupportedModelError):
+        build_compressed(m)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory, tokenizer):
+    """A saved random Llama classifier (GQA) with the MiniLM tokenizer: offline, ~1 M parameters."""
+    d = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+                      pad_token_id=tokenizer.pad_token_id)
+    LlamaForSequenceClassification(cfg).save_pretrained(str(d))
+    tokenizer.save_pretrained(str(d))
+    return d
+
+
+@pytest.mark.parametrize("method", ["finegates", "lora"])
+def test_train_cli_runs_a_tiny_llama(tiny_llama_dir, glue_dir, tmp_path, capsys, method):
+    from finegates.train import main
+
+    out = tmp_path / "run"
+    rc = main(["--model", str(tiny_llama_dir), "--task", "sst2", "--method", method, "--teacher", "none",
+               "--max-train", "32", "--max-eval", "32", "--max-length", "32", "--epochs", "1", "--batch-size", "8",
+               "--target-sparsity", "0.3", "--threads", "1", "--latency-repeats", "1", "--latency-batch", "2",
+               "--latency-length", "16", "--no-progress", "--output-dir", str(out), "--data-dir", str(glue_dir)])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["export_max_abs_diff"] <= 1e-4
+    assert (out / "model" / "modeling_finegates_llama.py").is_file()
+    loaded = load_compressed(out / "model")
+    assert type(loaded).__name__ == "FineGatesLlamaForSequenceClassification"
+    if method == "finegates":
+        assert res["sparsity"] > 0
+
+
+def test_train_cli_refuses_an_unsupported_family_before_training(tmp_path, capsys):
+    from transformers import ElectraConfig, ElectraForSequenceClassification
+
+    from finegates.train import main
+
+    ElectraForSequenceClassification(ElectraConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                   num_attention_heads=2, intermediate_size=32,
+                                                   embedding_size=16)).save_pretrained(str(tmp_path / "electra"))
+    assert main(["--model", str(tmp_path / "electra"), "--task", "sst2", "--no-progress",
+                 "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "model type 'electra' is not supported; accepted:" in err
+    assert not (tmp_path / "run").exists()
