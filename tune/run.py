@@ -185,9 +185,10 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
         except (ValueError, AssertionError):
             raise UsageError(f"--search-space {args.search_space!r} is not a JSON object; accepted: "
                              '\'{"target_sparsity": [0.2, 0.6], "rank": {"choices": [0, 8]}}\'') from None
-    from tune.space import get_space, override
+    from tune.space import check_names, get_space, override
 
     try:
+        check_names(space_spec, methods)  # a key no selected method searches is a typo or a wrong --methods
         spaces = [override(get_space(m), space_spec) for m in methods]
     except ValueError as e:
         raise UsageError(str(e)) from None

@@ -18,7 +18,9 @@ CASES = [
     (["--max-train", "0"], "--max-train 0 must be > 0"),
     (["--search-space", "{bad"], "--search-space '{bad' is not a JSON object"),
     (["--search-space", '{"lr": [0, 1]}'], "search space lr=[0, 1] is invalid"),
-    (["--search-space", '{"lamda": [1, 3]}'], "search space key 'lamda' is unknown; accepted: degree, density, k, lr"),
+    (["--search-space", '{"lamda": [1, 3]}'], "search space key 'lamda' is unknown; accepted: lr, rank, target_sparsity"),
+    # a key of a method that is not in --methods is refused too
+    (["--search-space", '{"k": [8, 64]}'], "search space key 'k' is unknown; accepted: lr, rank, target_sparsity"),
     (["--model", "/no/such/model"], "model path '/no/such/model' does not exist"),
     (["--seeds", "0"], "--seeds 0 is invalid; accepted: an integer >= 1"),
     (["--report-frac", "1.5"], "--report-frac 1.5 is out of range; accepted: a number in (0, 1)"),
