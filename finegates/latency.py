@@ -72,7 +72,7 @@ def speedup_stats(dense: list[float], exported: list[float]) -> dict[str, float]
     """Median latencies and the speedup (dense / exported) with its spread: the median and the quartiles
     of the per-round ratios (each round times both models back to back)."""
     ratios = sorted(d / e for d, e in zip(dense, exported))
-    q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
+    q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) >= 2 else [ratios[0]] * 3
     return {"latency_ms": statistics.median(exported), "dense_latency_ms": statistics.median(dense),
             "speedup": statistics.median(ratios), "speedup_q25": q[0], "speedup_q75": q[2]}
 

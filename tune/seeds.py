@@ -75,7 +75,7 @@ class SeedReruns:
         return {int(r.data.tags["seed"]): r for r in runs if "score" in r.data.metrics and "seed" in r.data.tags}
 
     def stats(self, points: list[Point]) -> dict[str, SeedStats]:
-        todo = [p for p in points if p.id not in self._cache]
+        todo = list({p.id: p for p in points if p.id not in self._cache}.values())  # the pick may be the reference
         if todo and self.launch is not None:
             jobs = []
             for p in todo:

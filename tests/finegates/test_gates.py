@@ -281,3 +281,5 @@ def test_speedup_spread_comes_from_interleaved_rounds():
     assert st["latency_ms"] == 8.0 and st["dense_latency_ms"] == 11.5
     assert st["speedup"] == 2.0  # ratios 2, 2, 1, 3: median 2
     assert st["speedup_q25"] <= 2.0 <= st["speedup_q75"] and st["speedup_q25"] < st["speedup_q75"]
+    two = speedup_stats(dense=[10.0, 12.0], exported=[5.0, 20.0])  # ratios 2 and 0.6: no extrapolation
+    assert 0.6 <= two["speedup_q25"] <= two["speedup"] <= two["speedup_q75"] <= 2.0
