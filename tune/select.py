@@ -40,11 +40,12 @@ import numpy as np
 from mlflow import MlflowClient
 
 from tasks import compute_metrics
+from tune.errors import UsageError
 from tune.pareto import (BUDGET_MODES, RULES, SELECT_BY, Point, Selection, check_budget, check_rule,
                          reference_point, select)
 from tune.stats import (CONFIDENCE, GUARD_Z, MIN_RESAMPLES, RESAMPLES, SEED, Bootstrap, Difference, Guard, Interval,
                         check_resamples, fallback_guard, percentile_interval)
-from tune.tracking import (TAG_ROLE, TAG_SWEEP, TAG_TASK, Tracker, TrackingError, check_reachable,
+from tune.tracking import (TAG_REGISTRY_SUFFIX, TAG_ROLE, TAG_SWEEP, TAG_TASK, Tracker, TrackingError, check_reachable,
                            default_tracking_uri, with_retry)
 
 if TYPE_CHECKING:
@@ -57,10 +58,6 @@ PREDICTIONS_ARTIFACT = "eval_predictions.npz"
 LEARNED, NOT_LEARNED, UNVERIFIED = "learned", "not_learned", "unverified"
 #: per (task, budget) row status in selection.json
 SELECTED, NONE_ELIGIBLE = "selected", "none_eligible"
-
-
-class UsageError(ValueError):
-    """Bad command-line input: one line, exit code 2."""
 
 
 def parse_budgets(spec: str, mode: str = "relative") -> list[float]:
@@ -107,11 +104,16 @@ def _copy_model(tracker: Tracker, run, dest: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def register(tracker: Tracker, task: str, run, budget: float) -> str:
-    """Register the run's logged model as a version of finegates-<task> with the budget's alias."""
+def model_name(task: str, suffix: str = "") -> str:
+    """The registered model of a task: finegates-<task>, plus ``-smoke`` for a --smoke-test sweep."""
+    return f"finegates-{task}{suffix}"
+
+
+def register(tracker: Tracker, task: str, run, budget: float, suffix: str = "") -> str:
+    """Register the run's logged model as a version of finegates-<task><suffix> with the budget's alias."""
     import mlflow
 
-    name = f"finegates-{task}"
+    name = model_name(task, suffix)
     client = tracker.client
     alias = alias_for(budget)
     try:
@@ -301,9 +303,9 @@ def _log_intervals(tracker: Tracker, ev: TaskEvidence, points: list[Point]) -> N
             log.warning("could not log the score interval of run %s: %s", p.id, e)
 
 
-def _drop_alias(tracker: Tracker, task: str, budget: float) -> None:
+def _drop_alias(tracker: Tracker, task: str, budget: float, suffix: str = "") -> None:
     """Remove a budget alias left by an earlier selection (so it cannot serve a model that is no pick now)."""
-    name, alias = f"finegates-{task}", alias_for(budget)
+    name, alias = model_name(task, suffix), alias_for(budget)
     try:
         tracker.client.get_model_version_by_alias(name, alias)
     except Exception:  # noqa: BLE001 - no such model or alias: nothing to drop
@@ -321,10 +323,12 @@ def _ci(i: Interval | None) -> list[float] | None:
 
 def select_sweep(tracker: Tracker, tasks: list[str], budgets: list[float], out_dir: Path, mode: str = "relative",
                  select_by: str = "sparsity", sweep: str | None = None, do_register: bool = True, *,
-                 rule: str = "paired", n_resamples: int = RESAMPLES, seed: int = SEED) -> list[dict[str, Any]]:
+                 rule: str = "paired", n_resamples: int = RESAMPLES, seed: int = SEED,
+                 registry_suffix: str = "") -> list[dict[str, Any]]:
     """Select per task and budget; write files, register, tag; return one record per (task, budget).
 
     ``rule``: ``paired`` (default) or ``plain``; the trivial-predictor guard applies under both.
+    ``registry_suffix``: appended to the registered model names (``-smoke`` for a smoke sweep).
     """
     check_rule(rule)
     check_resamples(n_resamples)
@@ -337,7 +341,7 @@ def select_sweep(tracker: Tracker, tasks: list[str], budgets: list[float], out_d
             log.warning("task %s has no finished trial: nothing to select", task)
             continue
         rows += _select_task(tracker, task, points, budgets, out_dir, mode, select_by, sweep, do_register, rule,
-                             n_resamples, seed)
+                             n_resamples, seed, registry_suffix)
     tmp = out_dir / ".selection.json.tmp"
     tmp.write_text(json.dumps(rows, indent=2, default=str))
     os.replace(tmp, out_dir / "selection.json")
@@ -346,7 +350,7 @@ def select_sweep(tracker: Tracker, tasks: list[str], budgets: list[float], out_d
 
 def _select_task(tracker: Tracker, task: str, points: list[Point], budgets: list[float], out_dir: Path, mode: str,
                  select_by: str, sweep: str | None, do_register: bool, rule: str, n_resamples: int,
-                 seed: int) -> list[dict[str, Any]]:
+                 seed: int, suffix: str = "") -> list[dict[str, Any]]:
     from tasks import get_task
 
     ev = TaskEvidence(tracker, get_task(task), points, n_resamples, seed)
@@ -387,7 +391,7 @@ def _select_task(tracker: Tracker, task: str, points: list[Point], budgets: list
             unchanged = previous is not None and previous.get("chosen_run_id") == run.info.run_id and dest.is_dir()
             if not unchanged:
                 _copy_model(tracker, run, dest)
-            version = register(tracker, task, run, b) if do_register and run.data.tags.get("model_uri") else None
+            version = register(tracker, task, run, b, suffix) if do_register and run.data.tags.get("model_uri") else None
             m = run.data.metrics
             d = diffs.get(run.info.run_id)
             pick_notes = list(notes)
@@ -404,7 +408,7 @@ def _select_task(tracker: Tracker, task: str, points: list[Point], budgets: list
                 "metrics": dict(m) | _ci_metrics(ev, run.info.run_id), "eligible": s.eligible,
                 "considered": s.considered, "excluded": len(excluded), "rule": s.rule_text(),
                 "candidates": _candidates(ev, points, diffs, s), "model_dir": str(dest.resolve()),
-                "registered_model": f"finegates-{task}" if version else None, "model_version": version,
+                "registered_model": model_name(task, suffix) if version else None, "model_version": version,
                 "alias": alias_for(b) if version else None,
                 "validation_source": run.data.tags.get("validation_source", ""),
             }
@@ -419,7 +423,7 @@ def _select_task(tracker: Tracker, task: str, points: list[Point], budgets: list
             if dest.exists():
                 shutil.rmtree(dest)
             if do_register:
-                _drop_alias(tracker, task, b)
+                _drop_alias(tracker, task, b, suffix)
             record |= {
                 "status": row_status, "reason": row_reason, "notes": notes if s is not None else [],
                 "threshold": s.threshold if s else None, "chosen_run_id": None, "chosen_trial_id": None,
@@ -518,6 +522,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class NothingToSelect(RuntimeError):
+    """The experiment has nothing the selector could choose from: one line, exit code 1."""
+
+
+def _tasks_to_select(tracker: Tracker, experiment: str, spec: str | None) -> list[str]:
+    """The tasks to select for: those named (each must have a finished trial in the sweep), else every
+    task with a finished trial. Raises :class:`NothingToSelect` when there is nothing to select."""
+    runs = tracker.find_runs(f"tags.`{TAG_ROLE}` = 'trial'")
+    in_sweep = sorted({r.data.tags.get(TAG_TASK) for r in runs if r.data.tags.get(TAG_TASK)})
+    finished = sorted({t for t in in_sweep if any(np.isfinite(p.score) and np.isfinite(p.sparsity)
+                                                  for p in tracker.trial_points(t))})
+    if spec:
+        from tasks import parse_tasks
+
+        tasks = [t.name for t in parse_tasks(spec)]
+        for t in tasks:
+            if t not in in_sweep:
+                raise NothingToSelect(f"--tasks {t!r} is not in sweep {experiment!r}; its tasks: "
+                                      f"{', '.join(in_sweep) or 'none'}")
+            if t not in finished:
+                raise NothingToSelect(f"task {t!r} has no finished trial in sweep {experiment!r}: nothing to select")
+        return tasks
+    if not finished:
+        raise NothingToSelect(f"sweep {experiment!r} has no finished trial ({len(runs)} trial runs, none FINISHED "
+                              "with a score): nothing to select")
+    return finished
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -530,21 +562,28 @@ def main(argv: list[str] | None = None) -> int:
         if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
             # opening a missing SQLite store would create an empty one: the selector only reads
             raise UsageError(f"no MLflow store at {uri}; give the sweep's --mlflow-uri")
+        out = Path(args.out or Path("runs") / args.experiment / "selection").resolve()
+        from finegates.preflight import check_output_dir
+
+        problems = check_output_dir(out, "--out")
+        if problems:
+            raise UsageError(problems[0])
+        if args.tasks:
+            from tasks import parse_tasks
+
+            parse_tasks(args.tasks)  # a bad name is a usage error (2), before the store is read
         exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(args.experiment)
         if exp is None:
             raise UsageError(f"--experiment {args.experiment!r} does not exist in {uri}")
         tracker = Tracker(uri, experiment_id=exp.experiment_id)
-        if args.tasks:
-            from tasks import parse_tasks
-
-            tasks = [t.name for t in parse_tasks(args.tasks)]
-        else:
-            runs = tracker.find_runs("tags.`finegates.role` = 'trial'")
-            tasks = sorted({r.data.tags.get(TAG_TASK) for r in runs if r.data.tags.get(TAG_TASK)})
-        out = Path(args.out or Path("runs") / args.experiment / "selection").resolve()
+        tasks = _tasks_to_select(tracker, args.experiment, args.tasks)
+        suffix = exp.tags.get(TAG_REGISTRY_SUFFIX, "")
         rows = select_sweep(tracker, tasks, budgets, out, args.budget_mode, args.select_by,
                             do_register=not args.no_register, rule=args.rule, n_resamples=args.resamples,
-                            seed=args.bootstrap_seed)
+                            seed=args.bootstrap_seed, registry_suffix=suffix)
+    except NothingToSelect as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (UsageError, TrackingError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
