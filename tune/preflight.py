@@ -26,18 +26,20 @@ def check_address(address: str | None, timeout_s: float = ADDRESS_TIMEOUT_S) -> 
         hostport = address[len("ray://"):].rstrip("/")
         if ":" not in hostport:
             hostport += ":10001"
-    else:
-        from ray._private.services import canonicalize_bootstrap_address
+    elif address == "auto":  # RAY_ADDRESS, else the cluster `ray start` recorded on this machine
+        from ray._private.services import get_ray_address_from_environment
 
         try:
-            hostport = canonicalize_bootstrap_address(address)
+            hostport = get_ray_address_from_environment("auto", None)
         except ConnectionError:
-            return [f"--address {address!r}: no running Ray cluster found on this machine (RAY_ADDRESS unset, "
-                    f"no `ray start`); {accepted}"]
-        except Exception:  # noqa: BLE001 - a malformed address
-            return [f"--address {address!r} is not a valid address; {accepted}"]
-        if hostport is None:
-            return [f"--address {address!r}: no running Ray cluster found; {accepted}"]
+            hostport = None
+        if not hostport or hostport == "auto":
+            return [f"--address 'auto': no running Ray cluster found on this machine (RAY_ADDRESS unset, no "
+                    f"`ray start`); {accepted}"]
+    else:
+        hostport = address
+    if ":" not in hostport:
+        return [f"--address {address!r} is not host:port; {accepted}"]
     host, _, port = hostport.rpartition(":")
     try:
         port_n = int(port)
