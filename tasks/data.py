@@ -87,8 +87,9 @@ def check_split(task: TaskSpec, split: str, data_dir: str | os.PathLike) -> list
     try:
         table = pq.read_table(path)
     except Exception as e:  # noqa: BLE001 - truncated, not Parquet, unreadable
-        return [f"task {task.name!r}: cannot read {path} ({_first_line(e)}); accepted: a complete Parquet file "
-                "in the HF glue layout"]
+        why = _first_line(e).replace(f"Could not open Parquet input source '{path}': ", "")
+        return [f"task {task.name!r}: cannot read {path} ({why}); accepted: a complete Parquet file in the HF glue "
+                "layout"]
     missing = [c for c in (*task.text_columns, "label") if c not in table.column_names]
     if missing:
         return [f"task {task.name!r}: {path} lacks column(s) {', '.join(missing)}; accepted: the HF glue schema "

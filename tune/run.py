@@ -13,6 +13,9 @@ Caveats:
   option overrides its default.
 * The sweep's results live in ``--storage``/``--experiment`` (Ray) and in the MLflow experiment of
   the same name; ``--resume`` continues both.
+* Exit codes: 2 when the input is refused before anything starts (every problem on its own ``error:``
+  line: data, model, paths, tracking store, ``--address``, ``--resume`` without a sweep); 1 when some
+  task got no finished trial (per task, the first line of its trials' error); 0 otherwise.
 * When a task has no validation split in the data directory (QQP offline), a seeded train hold-out is
   used and recorded as ``validation_source=train-holdout``.
 """

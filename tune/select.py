@@ -19,7 +19,9 @@ Reads the finished trial runs of the experiment from MLflow. Per task:
 
 Writes ``<out>/<task>/budget-<b>/`` (the exported model), ``selection.json`` (scores with 95%
 bootstrap intervals), and registers each choice as a version of the registered model
-``finegates-<task>`` with alias ``budget-<b>`` (dots become underscores: ``budget-0_02``). Re-running
+``finegates-<task>`` (``finegates-<task>-smoke`` for a ``--smoke-test`` sweep) with alias ``budget-<b>``
+(dots become underscores: ``budget-0_02``). Exit codes: 0 selected (or reported why not), 1 nothing to
+select (no finished trial, or a ``--tasks`` task without one in the sweep), 2 bad input. Re-running
 changes only what new trials justify: an unchanged choice keeps its model version and files; a task or
 budget without a choice loses its alias and model directory. docs/SELECTION.md has the details.
 """
