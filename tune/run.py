@@ -199,7 +199,7 @@ def sweep(v: dict[str, Any], args: argparse.Namespace) -> tuple[Tracker, dict[st
                  models_dir=str(v["out"] / "models"), train=v["train"])
     trainable = tune.with_resources(tune.with_parameters(trial_fn, fixed=fixed),
                                     {"cpu": v["cpus"], "gpu": args.gpus_per_trial})
-    if v["restore"]:
+    if v.get("restore"):
         log.warning("resuming sweep %s from %s", v["experiment"], v["restore"])
         tuner = tune.Tuner.restore(v["restore"], trainable=trainable, resume_unfinished=True, resume_errored=False,
                                    restart_errored=False)
