@@ -15,6 +15,25 @@ TEACHERS = ("none", "lora", "full")
 EVAL_PARTS = ("all", "selection", "report")  # tasks.data.EVAL_PARTS
 
 
+#: ``--smoke-test`` sizes of one run, shared by ``finegates.train`` and every trial of ``tune.run``
+SMOKE_SIZES: dict[str, Any] = dict(max_train=64, max_eval=64, epochs=1.0, max_length=64, latency_repeats=2,
+                                   latency_batch=2, latency_length=32)
+
+
+def parse_count(value: str | int | None, flag: str) -> int | None:
+    """A subset size given on a command line: a positive integer, or 'all' (also 'none') for the whole
+    split. 0 is refused (it reads as "no examples", not "all"). Raises a one-line :class:`ConfigError`."""
+    if value is None or str(value).strip().lower() in ("all", "none"):
+        return None
+    try:
+        n = int(str(value).strip())
+    except ValueError:
+        raise ConfigError(f"{flag} {value!r} is not an integer; accepted: a positive integer or 'all'") from None
+    if n <= 0:
+        raise ConfigError(f"{flag} {value} must be > 0; accepted: a positive integer or 'all'")
+    return n
+
+
 @dataclass
 class TrainConfig:
     task: str = "sst2"

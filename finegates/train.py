@@ -300,7 +300,7 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool 
         **lat,
         "export_max_abs_diff": diff, "validation_source": data.validation_source, "eval_split": data.eval_split,
         "n_train": data.info["n_train"], "n_eval": data.info["n_eval"], "eval_part": cfg.eval_part,
-        "n_eval_all": data.info["n_eval_all"], "steps": step, "epochs_completed": epoch,
+"steps": step, "epochs_completed": epoch,
         "train_time_s": train_time, "device": str(device), "precision": precision,
         "layers": compressed.config.layers, "history": history, "config": cfg.to_dict(),
     }
@@ -329,8 +329,13 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool 
 # CLI
 
 
-def _none_or_int(s: str) -> int | None:
-    return None if s.lower() in ("none", "all", "0") else int(s)
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown, except for options that say their own default (sizes default to None on purpose)."""
+
+    def _get_help_string(self, action):
+        if action.default is None and "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def parse_options(method: str, items: list[str]) -> dict[str, Any]:
@@ -351,7 +356,7 @@ def parse_options(method: str, items: list[str]) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="python -m finegates.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_HelpFormatter)
     p.add_argument("--task", default=d.task, help="GLUE task: cola sst2 mrpc stsb qqp mnli qnli rte wnli")
     p.add_argument("--model", default=None, help="HF model dir or hub id; default: the embedded all-MiniLM-L6-v2")
     p.add_argument("--method", default=d.method, choices=METHOD_NAMES, help=methods_help())
@@ -382,41 +387,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-lr", type=float, default=None, help="teacher learning rate (default: lora 1e-3, full 5e-5)")
     p.add_argument("--teacher-cache", default=None,
                    help="teacher cache dir (default: $FINEGATES_TEACHER_CACHE or ~/.cache/finegates/teachers)")
-    p.add_argument("--epochs", type=float, default=d.epochs)
+    # sizes default to None here: TrainConfig's defaults, or the --smoke-test preset; given values win
+    p.add_argument("--epochs", type=float, default=None, help=f"default: {d.epochs:g}")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--max-length", type=int, default=d.max_length)
-    p.add_argument("--max-train", type=_none_or_int, default=d.max_train, help="train subset size ('all' for all)")
-    p.add_argument("--max-eval", type=_none_or_int, default=d.max_eval, help="eval subset size ('all' for all)")
+    p.add_argument("--max-length", type=int, default=None, help=f"max tokens per example (default: {d.max_length})")
+    p.add_argument("--max-train", default=None, help=f"train subset size, a positive integer or 'all' "
+                   f"(default: {d.max_train})")
+    p.add_argument("--max-eval", default=None, help="eval subset size, a positive integer or 'all' (default: all)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--data-dir", default=None, help="local GLUE Parquet dir (default: $FINEGATES_GLUE_DIR, else the hub)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
     p.add_argument("--precision", default=d.precision, help="auto (bf16/fp16 on GPU, fp32 on CPU), no, fp16, bf16")
     p.add_argument("--output-dir", default="runs/train", help="where model/ and result.json are written")
-    p.add_argument("--latency-batch", type=int, default=d.latency_batch)
-    p.add_argument("--latency-length", type=int, default=d.latency_length)
-    p.add_argument("--latency-repeats", type=int, default=d.latency_repeats)
+    p.add_argument("--latency-batch", type=int, default=None, help=f"default: {d.latency_batch}")
+    p.add_argument("--latency-length", type=int, default=None, help=f"default: {d.latency_length}")
+    p.add_argument("--latency-repeats", type=int, default=None, help=f"default: {d.latency_repeats}")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.add_argument("--smoke-test", action="store_true", help="tiny run: 64 train, 64 eval, 1 epoch, length 64")
+    p.add_argument("--smoke-test", action="store_true", help="tiny run (the smoke preset shared with tune.run: "
+                   "64 train, 64 eval, 1 epoch, length 64); size options given explicitly override it")
     p.add_argument("--history", action="store_true", help="include per-epoch history in the printed JSON")
     return p
+
+
+SIZE_OPTIONS = ("epochs", "max_length", "max_train", "max_eval", "latency_batch", "latency_length", "latency_repeats")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from tasks import TaskError, get_task
+    from finegates.config import SMOKE_SIZES, parse_count
+    from finegates.preflight import check_run
+    from tasks import TaskError, get_task, resolve_data_dir
 
-    kw = {k: v for k, v in vars(args).items() if k not in ("no_progress", "smoke_test", "history", "options")}
+    kw = {k: v for k, v in vars(args).items()
+          if k not in ("no_progress", "smoke_test", "history", "options", *SIZE_OPTIONS)}
     if args.smoke_test:
-        kw.update(max_train=64, max_eval=64, epochs=1.0, max_length=64, latency_repeats=3, latency_batch=4)
+        kw.update(SMOKE_SIZES)
     try:
+        for name in SIZE_OPTIONS:
+            v = getattr(args, name)
+            if v is not None:
+                kw[name] = parse_count(v, "--" + name.replace("_", "-")) if name in ("max_train", "max_eval") else v
         get_task(args.task)
         kw["extra"] = parse_options(args.method, args.options)
         cfg = TrainConfig(**kw)
-        resolve_model(cfg.model)
-        from tasks import resolve_data_dir
-
         resolve_data_dir(cfg.data_dir)
+    except (ConfigError, TaskError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    problems = check_run(cfg)  # data, model, output dir: before anything is trained or written
+    if problems:
+        for msg in problems:
+            print(f"error: {msg}", file=sys.stderr)
+        return 2
+    try:
         result = run(cfg, progress=not args.no_progress)
     except (ConfigError, TaskError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)

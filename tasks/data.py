@@ -77,6 +77,68 @@ def load_split(task: TaskSpec, split: str, data_dir: str | os.PathLike | None = 
     return df
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
+
+
+def check_split(task: TaskSpec, split: str, data_dir: str | os.PathLike) -> list[str]:
+    """Problems with one local split file, one line each (empty: usable). Reads the whole file once:
+    a readable Parquet file, the task's text columns and ``label``, at least one row, labels that are
+    integers in ``0..num_labels-1`` (classification) or finite numbers (regression)."""
+    import pyarrow.parquet as pq
+
+    path = Path(data_dir) / task.name / f"{split}.parquet"
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # noqa: BLE001 - truncated, not Parquet, unreadable
+        why = _first_line(e).replace(f"Could not open Parquet input source '{path}': ", "")
+        return [f"task {task.name!r}: cannot read {path} ({why}); accepted: a complete Parquet file in the HF glue "
+                "layout"]
+    missing = [c for c in (*task.text_columns, "label") if c not in table.column_names]
+    if missing:
+        return [f"task {task.name!r}: {path} lacks column(s) {', '.join(missing)}; accepted: the HF glue schema "
+                f"{', '.join((*task.text_columns, 'label'))}"]
+    if table.num_rows == 0:
+        return [f"task {task.name!r}: {path} has no rows; accepted: a split with at least one example"]
+    labels = table.column("label").to_numpy(zero_copy_only=False)
+    if task.is_regression:
+        if not np.issubdtype(labels.dtype, np.number):
+            return [f"task {task.name!r}: {path} has non-numeric labels (dtype {labels.dtype}); accepted: a numeric "
+                    "regression target"]
+        bad = ~np.isfinite(labels.astype(np.float64))
+        if bad.any():
+            return [f"task {task.name!r}: {path} has {int(bad.sum())} missing or infinite labels; accepted: finite "
+                    "numbers"]
+        return []
+    accepted = f"integers 0..{task.num_labels - 1} ({', '.join(task.label_names)})"
+    if not np.issubdtype(labels.dtype, np.integer):
+        return [f"task {task.name!r}: {path} has labels of dtype {labels.dtype}; accepted: {accepted}"]
+    bad = (labels < 0) | (labels >= task.num_labels)
+    if bad.any():
+        shown = ", ".join(str(v) for v in np.unique(labels[bad])[:5])
+        return [f"task {task.name!r}: {path} has {int(bad.sum())} labels outside the task's range (e.g. {shown}); "
+                f"accepted: {accepted}"]
+    return []
+
+
+def check_task_data(task: TaskSpec, data_dir: str | os.PathLike | None = None) -> list[str]:
+    """Problems with a task's local data, one line each (empty: usable): the train split, and the
+    validation split when there is one (without it a train hold-out is used). Data from the hub
+    (no local directory) is checked when it is loaded."""
+    root = resolve_data_dir(data_dir)
+    if root is None:
+        return []
+    if not (root / task.name / f"{task.train_split}.parquet").is_file():
+        found = ", ".join(available_splits(task, root)) or "none"
+        return [f"task {task.name!r} has no split {task.train_split!r} in {root} (found: {found}); "
+                f"accepted: <data-dir>/{task.name}/{task.train_split}.parquet"]
+    problems = check_split(task, task.train_split, root)
+    if (root / task.name / f"{task.validation_split}.parquet").is_file():
+        problems += check_split(task, task.validation_split, root)
+    return problems
+
+
 def has_split(task: TaskSpec, split: str, data_dir: str | os.PathLike | None = None) -> bool:
     root = resolve_data_dir(data_dir)
     return True if root is None else (root / task.name / f"{split}.parquet").is_file()
@@ -168,26 +230,13 @@ def eval_size(task: TaskSpec, data_dir: str | os.PathLike | None, max_eval: int 
     return min(max_eval or DEFAULT_HOLDOUT, rows(task.train_split) // 5)
 
 
-def load_task_data(
-    task: TaskSpec,
-    tokenizer,
-    *,
-    data_dir: str | os.PathLike | None = None,
-    max_train: int | None = None,
-    max_eval: int | None = None,
-    seed: int = 0,
-    max_length: int = 128,
-    holdout_missing_validation: bool = True,
-    eval_part: str = "all",
-    report_frac: float = 0.5,
-    tokenize_train: bool = True,
-) -> TaskData:
-    """Seeded train/eval subsets of ``task``, tokenized.
-
-    ``max_train``/``max_eval``: random subsets (seeded by ``seed``) of at most that many rows; None = all.
-    ``eval_part``: ``all`` the eval subset, or its ``selection`` / ``report`` part (:func:`split_eval`,
-    seeded by ``seed``, ``report_frac`` of it in the report part).
-    """
+def select_frames(task: TaskSpec, *, data_dir: str | os.PathLike | None = None, max_train: int | None = None,
+                  max_eval: int | None = None, seed: int = 0, holdout_missing_validation: bool = True,
+                  eval_part: str = "all", report_frac: float = 0.5) -> tuple[pd.DataFrame, pd.DataFrame, str, int]:
+    """The seeded train and eval rows (untokenized, in the order a run uses them), the validation source
+    ("validation" or "train-holdout") and the train rows available. :func:`load_task_data` tokenizes
+    these; a check of a served model can feed the same eval rows to it. ``eval_part``: ``all`` the eval
+    subset, or its ``selection`` / ``report`` part (:func:`split_eval`, seeded by ``seed``)."""
     if eval_part not in EVAL_PARTS:
         raise TaskError(f"eval part {eval_part!r} is invalid; accepted: {', '.join(EVAL_PARTS)}")
     rng = np.random.default_rng(seed)
@@ -210,14 +259,40 @@ def load_task_data(
     else:
         load_split(task, eval_split, data_dir)  # raises the clear error
         raise AssertionError("unreachable")
-    n_eval_all = len(eval_idx)
     if eval_part != "all":
         sel, rep = split_eval(task, eval_df["label"].to_numpy()[eval_idx], report_frac, seed)
         eval_idx = eval_idx[sel if eval_part == "selection" else rep]
-    train = tokenize_frame(task, train_df.iloc[train_idx], tokenizer, max_length) if tokenize_train else []
-    evals = tokenize_frame(task, eval_df.iloc[eval_idx], tokenizer, max_length)
+    return train_df.iloc[train_idx], eval_df.iloc[eval_idx], source, len(train_df)
+
+
+def load_task_data(
+    task: TaskSpec,
+    tokenizer,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    max_train: int | None = None,
+    max_eval: int | None = None,
+    seed: int = 0,
+    max_length: int = 128,
+    holdout_missing_validation: bool = True,
+    eval_part: str = "all",
+    report_frac: float = 0.5,
+    tokenize_train: bool = True,
+) -> TaskData:
+    """Seeded train/eval subsets of ``task``, tokenized.
+
+    ``max_train``/``max_eval``: random subsets (seeded by ``seed``) of at most that many rows; None = all.
+    ``eval_part``: ``all`` the eval subset, or its ``selection`` / ``report`` part (:func:`split_eval`,
+    seeded by ``seed``, ``report_frac`` of it in the report part). ``tokenize_train=False``: the same
+    subsets, but only the eval rows are tokenized (``train`` is empty), e.g. to score a checkpoint.
+    """
+    train_df, eval_df, source, available = select_frames(
+        task, data_dir=data_dir, max_train=max_train, max_eval=max_eval, seed=seed,
+        holdout_missing_validation=holdout_missing_validation, eval_part=eval_part, report_frac=report_frac)
+    train = tokenize_frame(task, train_df, tokenizer, max_length) if tokenize_train else []
+    evals = tokenize_frame(task, eval_df, tokenizer, max_length)
     if (tokenize_train and not train) or not evals:
         raise TaskError(f"task {task.name!r}: empty train ({len(train)}) or eval ({len(evals)}) set")
-    return TaskData(task, train, evals, eval_split, source,
-                    info={"n_train": len(train_idx), "n_eval": len(evals), "train_rows_available": len(train_df),
-                          "eval_part": eval_part, "n_eval_all": n_eval_all})
+    return TaskData(task, train, evals, task.validation_split, source,
+                    info={"n_train": len(train_df), "n_eval": len(evals), "train_rows_available": available,
+                          "eval_part": eval_part})

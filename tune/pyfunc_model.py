@@ -2,7 +2,9 @@
 
 Logged by :func:`tune.tracking.log_exported_model`; loaded by ``mlflow.pyfunc.load_model(uri)``.
 ``predict`` takes a DataFrame with a ``text`` column (and ``text_pair`` for sentence-pair tasks) and
-returns ``label`` and ``score`` columns (for regression: the predicted value).
+returns ``label`` and ``score`` columns (for regression: the predicted value). It tokenises exactly as
+the trial trained and was scored: truncation to the trial's ``max_length``, read from the checkpoint's
+``finegates.json`` (written by ``finegates.train.run``; 128, the training default, when absent).
 """
 from __future__ import annotations
 
@@ -11,12 +13,28 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 
+DEFAULT_MAX_LENGTH = 128  # finegates.config.TrainConfig.max_length (this file imports only mlflow + pandas)
+
+
+def trained_max_length(path: str) -> int:
+    """The max_length the checkpoint's run tokenised with (``finegates.json`` -> config.max_length)."""
+    import json
+    import os
+
+    try:
+        with open(os.path.join(path, "finegates.json")) as f:
+            return int(json.load(f)["config"]["max_length"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return DEFAULT_MAX_LENGTH
+
+
 class FineGatesClassifier(PythonModel):
     def load_context(self, context) -> None:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         path = context.artifacts["checkpoint"]
+        self.max_length = trained_max_length(path)
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
         self.model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True).eval()
         self.torch = torch
@@ -25,7 +43,7 @@ class FineGatesClassifier(PythonModel):
         df = pd.DataFrame(model_input)
         texts = df["text"].astype(str).tolist()
         pairs = df["text_pair"].astype(str).tolist() if "text_pair" in df.columns else None
-        enc = self.tokenizer(texts, pairs, truncation=True, max_length=512, padding=True, return_tensors="pt")
+        enc = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
         with self.torch.no_grad():
             logits = self.model(**enc).logits.float()
         if logits.shape[-1] == 1:

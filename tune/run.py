@@ -13,6 +13,9 @@ Caveats:
   option overrides its default.
 * The sweep's results live in ``--storage``/``--experiment`` (Ray) and in the MLflow experiment of
   the same name; ``--resume`` continues both.
+* Exit codes: 2 when the input is refused before anything starts (every problem on its own ``error:``
+  line: data, model, paths, tracking store, ``--address``, ``--resume`` without a sweep); 1 when some
+  task got no finished trial (per task, the first line of its trials' error); 0 otherwise.
 * When a task has no validation split in the data directory (QQP offline), a seeded train hold-out is
   used and recorded as ``validation_source=train-holdout``.
 """
@@ -26,8 +29,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from finegates.config import SMOKE_SIZES
 from finegates.methods import METHOD_NAMES
-from tune.select import UsageError
+from tune.errors import UsageError
+from tune.tracking import TAG_REGISTRY_SUFFIX
 
 if TYPE_CHECKING:
     from tune.tracking import Tracker
@@ -37,10 +42,11 @@ log = logging.getLogger("tune.run")
 SCALES = {
     "cpu": dict(trials_per_task=3, max_train=256, max_eval=300, epochs=3.0, latency_repeats=5),
     "gpu": dict(trials_per_task=12, max_train=2000, max_eval=None, epochs=5.0, latency_repeats=20),
-    "smoke": dict(trials_per_task=2, max_train=64, max_eval=64, epochs=1.0, latency_repeats=2, max_length=64,
-                  latency_batch=2, latency_length=32),
+    "smoke": dict(trials_per_task=2, **SMOKE_SIZES),  # the same per-run preset as finegates.train --smoke-test
 }
 SMOKE_TASKS = "sst2,rte"
+#: registered models of a --smoke-test sweep are named finegates-<task>-smoke: never a real sweep's aliases
+SMOKE_REGISTRY_SUFFIX = "-smoke"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,12 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--storage", default=None, help="Ray results: absolute path or URI (default: <cwd>/runs/ray)")
     a("--out", default=None, help="selection output dir (default: <cwd>/runs/<experiment>)")
     a("--address", default=None, help="attach to a Ray cluster ('auto' or host:port; default: start a local Ray)")
-    a("--resume", action="store_true", help="continue an interrupted sweep of the same --experiment/--storage")
-    a("--smoke-test", action="store_true", help="2 tasks (sst2, rte), 2 trials each, tiny subsets")
+    a("--resume", action="store_true", help="continue an interrupted sweep of the same --experiment/--storage; "
+      "refused (exit 2) when there is none")
+    a("--resume-or-start", action="store_true", help="continue the sweep when there is one, else start it")
+    a("--smoke-test", action="store_true", help="2 tasks (sst2, rte), 2 trials each, tiny subsets; models are "
+      "registered as finegates-<task>-smoke")
     a("--seed", type=int, default=1948, help="seed of data subsets, training and the samplers (default: 1948)")
     a("--data-dir", default=None, help="local GLUE Parquet dir (default: $FINEGATES_GLUE_DIR, else the HF hub)")
-    a("--max-train", default=None, help="train examples per trial ('all' for all)")
-    a("--max-eval", default=None, help="eval examples per trial ('all' for all)")
+    a("--max-train", default=None, help="train examples per trial: a positive integer or 'all'")
+    a("--max-eval", default=None, help="eval examples per trial: a positive integer or 'all'")
     a("--epochs", type=float, default=None, help="epochs per trial")
     a("--batch-size", type=int, default=16, help="default: 16")
     a("--max-length", type=int, default=None, help="max tokens per example (default: 128)")
@@ -98,23 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _opt_int(name: str, v: str | None) -> int | None | str:
-    if v is None:
-        return "default"
-    if str(v).lower() in ("all", "none"):
-        return None
-    try:
-        n = int(v)
-    except ValueError:
-        raise UsageError(f"--{name} {v!r} is not an integer; accepted: a positive integer or 'all'") from None
-    if n <= 0:
-        raise UsageError(f"--{name} {v} must be > 0; accepted: a positive integer or 'all'")
-    return n
-
-
 def validate(args: argparse.Namespace) -> dict[str, Any]:
     """Check every input before anything starts or is written. Raises one-line errors."""
-    from finegates.config import ConfigError, TrainConfig
+    from finegates.config import ConfigError, TrainConfig, parse_count
     from finegates.train import resolve_model
     from tasks import parse_tasks, resolve_data_dir
     from tune.select import parse_budgets
@@ -156,9 +151,8 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     uri = args.mlflow_uri or default_tracking_uri()
     check_reachable(uri)
     for name in ("max_train", "max_eval"):
-        v = _opt_int(name.replace("_", "-"), getattr(args, name))
-        if v != "default":
-            sizes[name] = v
+        if getattr(args, name) is not None:
+            sizes[name] = parse_count(getattr(args, name), "--" + name.replace("_", "-"))
     for name in ("epochs", "max_length", "gate_lr", "teacher"):
         if getattr(args, name) is not None:
             sizes[name] = getattr(args, name)
@@ -200,8 +194,9 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
                 train=train, experiment=experiment, out=out, scale=scale, spaces=spaces)
 
 
-def sweep(v: dict[str, Any], args: argparse.Namespace) -> Tracker:
-    """Run (or resume) the Tuner; tag, plot and close each task's parent run. Returns the tracker."""
+def sweep(v: dict[str, Any], args: argparse.Namespace) -> tuple[Tracker, dict[str, str]]:
+    """Run (or resume) the Tuner; tag, plot and close each task's parent run. Returns the tracker and,
+    for every task without a finished trial, a one-line reason (the first line of its trials' error)."""
     import ray
     from ray import tune
 
@@ -210,22 +205,23 @@ def sweep(v: dict[str, Any], args: argparse.Namespace) -> Tracker:
     from tune.tracking import Tracker
     from tune.trial import trial_fn
 
+    if not ray.is_initialized():  # before any MLflow run exists: a failure here leaves nothing RUNNING
+        if args.address:
+            ray.init(address=args.address, log_to_driver=False)
+        else:  # always a Ray of its own, never a cluster that happens to run on this machine
+            ray.init(address="local", include_dashboard=False, log_to_driver=False)
     tracker = Tracker(v["uri"], v["experiment"])
+    if args.smoke_test:
+        tracker.client.set_experiment_tag(tracker.experiment_id, TAG_REGISTRY_SUFFIX, SMOKE_REGISTRY_SUFFIX)
     parents = {t: tracker.parent_run(v["experiment"], t) for t in v["tasks"]}
     fixed = dict(mlflow_uri=v["uri"], experiment_id=tracker.experiment_id, sweep=v["experiment"], parents=parents,
                  models_dir=str(v["out"] / "models"), train=v["train"])
     v["fixed"] = fixed
-    if not ray.is_initialized():
-        if args.address:
-            ray.init(address=args.address, log_to_driver=False)
-        else:
-            ray.init(include_dashboard=False, log_to_driver=False)
     trainable = tune.with_resources(tune.with_parameters(trial_fn, fixed=fixed),
                                     {"cpu": v["cpus"], "gpu": args.gpus_per_trial})
-    path = v["storage"].rstrip("/") + "/" + v["experiment"]
-    if args.resume and tune.Tuner.can_restore(path):
-        log.warning("resuming sweep %s from %s", v["experiment"], path)
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
+    if v.get("restore"):
+        log.warning("resuming sweep %s from %s", v["experiment"], v["restore"])
+        tuner = tune.Tuner.restore(v["restore"], trainable=trainable, resume_unfinished=True, resume_errored=False,
                                    restart_errored=False)
     else:
         searcher = MultiTaskOptunaSearch(v["tasks"], v["spaces"], v["trials"], seed=args.seed)
@@ -248,11 +244,38 @@ def sweep(v: dict[str, Any], args: argparse.Namespace) -> Tracker:
                 closed)
     from tune.report import log_task_summary
 
+    failed: dict[str, str] = {}
     for task in v["tasks"]:
         pts = tracker.update_pareto_tags(task, v["experiment"])
         log_task_summary(tracker, parents[task], task, pts, v["budgets"], args.budget_mode)
-        tracker.client.set_terminated(parents[task], status="FINISHED")
-    return tracker
+        tracker.client.set_terminated(parents[task], status="FINISHED" if pts else "FAILED")
+        if not pts:
+            failed[task] = _task_failure(tracker, grid, task, v["experiment"])
+    return tracker, failed
+
+
+def _first_line(text: str) -> str:
+    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
+    return lines[0][:300] if lines else ""
+
+
+def _task_failure(tracker: Tracker, grid, task: str, experiment: str) -> str:
+    """One line: how many of the task's trials failed and the first line of their (first) error, from the
+    MLflow runs' ``error`` tag, else from Ray's record of the trial."""
+    from tune.tracking import TAG_ROLE, TAG_SWEEP, TAG_TASK
+
+    runs = tracker.find_runs(f"tags.`{TAG_ROLE}` = 'trial'", f"tags.`{TAG_TASK}` = '{task}'",
+                             f"tags.`{TAG_SWEEP}` = '{experiment}'")
+    errors = [_first_line(r.data.tags["error"]) for r in sorted(runs, key=lambda r: r.info.start_time or 0)
+              if r.data.tags.get("error")]
+    ray_errors = [r.error for r in grid if r.error is not None and (r.config or {}).get("task") == task]
+    if not errors and ray_errors:  # the trial failed before its MLflow run existed
+        e = ray_errors[0]
+        cause = getattr(e, "cause", None) or e
+        errors = [f"{type(cause).__name__}: {_first_line(str(cause).splitlines()[-1] if str(cause) else '')}"]
+    n = max(len(runs), len(ray_errors))
+    first = errors[0] if errors else "no error was recorded"
+    return f"task {task}: no trial finished ({n} failed); first error: {first}"
 
 
 def _ray_launcher(v: dict[str, Any], args: argparse.Namespace):
@@ -287,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from finegates.config import ConfigError
     from tasks import TaskError
+    from tune.preflight import check_sweep
     from tune.select import format_table, select_sweep
     from tune.tracking import TrackingError
 
@@ -295,8 +319,15 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, TaskError, ConfigError, TrackingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    problems = check_sweep(v, args.address)  # data, model, paths, tracking store, address: nothing written yet
+    if not problems:
+        problems = _check_resume(v, args)
+    if problems:
+        for msg in problems:
+            print(f"error: {msg}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
-    tracker = sweep(v, args)
+    tracker, failed = sweep(v, args)
     seeds = None
     if args.seeds > 1:
         from tune.seeds import SeedReruns
@@ -304,11 +335,35 @@ def main(argv: list[str] | None = None) -> int:
         seeds = SeedReruns(tracker, args.seeds, launch=_ray_launcher(v, args))
     rows = select_sweep(tracker, v["tasks"], v["budgets"], v["out"] / "selection", args.budget_mode,
                         args.select_by, sweep=v["experiment"], rule=args.rule, data_dir=v["train"]["data_dir"],
-                        seeds=seeds, latency_device=args.latency_device)
+                        seeds=seeds, latency_device=args.latency_device,
+                        registry_suffix=SMOKE_REGISTRY_SUFFIX if args.smoke_test else "")
     print(format_table(rows))
     print(f"\nsweep {v['experiment']} ({v['scale']} sizes) took {time.perf_counter() - t0:.0f} s; "
           f"selection: {v['out'] / 'selection' / 'selection.json'}; MLflow: {v['uri']}")
+    if failed:
+        for msg in failed.values():
+            print(f"error: {msg}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _check_resume(v: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """--resume needs a saved sweep; --resume-or-start takes one when there is one. Sets ``v["restore"]``."""
+    v["restore"] = None
+    if not (args.resume or args.resume_or_start):
+        return []
+    if args.resume and args.resume_or_start:
+        return ["--resume and --resume-or-start exclude each other; accepted: one of them"]
+    from ray import tune
+
+    path = v["storage"].rstrip("/") + "/" + v["experiment"]
+    if tune.Tuner.can_restore(path):
+        v["restore"] = path
+        return []
+    if args.resume:
+        return [f"--resume: there is no sweep {v['experiment']!r} to resume in {v['storage']}; accepted: the "
+                "--experiment and --storage of an interrupted sweep, or --resume-or-start to start it when absent"]
+    return []
 
 
 if __name__ == "__main__":

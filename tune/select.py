@@ -19,7 +19,9 @@ Reads the finished trial runs of the experiment from MLflow. Per task:
 
 Writes ``<out>/<task>/budget-<b>/`` (the exported model), ``selection.json`` (scores with 95%
 bootstrap intervals), and registers each choice as a version of the registered model
-``finegates-<task>`` with alias ``budget-<b>`` (dots become underscores: ``budget-0_02``). Re-running
+``finegates-<task>`` (``finegates-<task>-smoke`` for a ``--smoke-test`` sweep) with alias ``budget-<b>``
+(dots become underscores: ``budget-0_02``). Exit codes: 0 selected (or reported why not), 1 nothing to
+select (no finished trial, or a ``--tasks`` task without one in the sweep), 2 bad input. Re-running
 changes only what new trials justify: an unchanged choice keeps its model version and files; a task or
 budget without a choice loses its alias and model directory. docs/SELECTION.md has the details.
 """
@@ -40,11 +42,12 @@ import numpy as np
 from mlflow import MlflowClient
 
 from tasks import compute_metrics
+from tune.errors import UsageError
 from tune.pareto import (BUDGET_MODES, RULES, SELECT_BY, Point, Selection, check_budget, check_rule,
                          reference_point, select, threshold)
 from tune.stats import (CONFIDENCE, GUARD_Z, MIN_RESAMPLES, RESAMPLES, SEED, Bootstrap, Difference, Guard, Interval,
                         check_resamples, fallback_guard, percentile_interval)
-from tune.tracking import (TAG_ROLE, TAG_SWEEP, TAG_TASK, Tracker, TrackingError, check_reachable,
+from tune.tracking import (TAG_REGISTRY_SUFFIX, TAG_ROLE, TAG_SWEEP, TAG_TASK, Tracker, TrackingError, check_reachable,
                            default_tracking_uri, with_retry)
 from tune.heldout import Report, report_score, within
 from tune.seeds import SeedReruns, SeedStats, check_seeds, fmt, holds_up
@@ -61,10 +64,6 @@ LEARNED, NOT_LEARNED, UNVERIFIED = "learned", "not_learned", "unverified"
 SELECTED, NONE_ELIGIBLE = "selected", "none_eligible"
 #: which latency --select-by latency compares: the trial's device (its GPU when it had one) or the CPU
 LATENCY_DEVICES = ("trial", "cpu")
-
-
-class UsageError(ValueError):
-    """Bad command-line input: one line, exit code 2."""
 
 
 def parse_budgets(spec: str, mode: str = "relative") -> list[float]:
@@ -111,11 +110,16 @@ def _copy_model(tracker: Tracker, run, dest: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def register(tracker: Tracker, task: str, run, budget: float) -> str:
-    """Register the run's logged model as a version of finegates-<task> with the budget's alias."""
+def model_name(task: str, suffix: str = "") -> str:
+    """The registered model of a task: finegates-<task>, plus ``-smoke`` for a --smoke-test sweep."""
+    return f"finegates-{task}{suffix}"
+
+
+def register(tracker: Tracker, task: str, run, budget: float, suffix: str = "") -> str:
+    """Register the run's logged model as a version of finegates-<task><suffix> with the budget's alias."""
     import mlflow
 
-    name = f"finegates-{task}"
+    name = model_name(task, suffix)
     client = tracker.client
     alias = alias_for(budget)
     try:
@@ -305,9 +309,9 @@ def _log_intervals(tracker: Tracker, ev: TaskEvidence, points: list[Point]) -> N
             log.warning("could not log the score interval of run %s: %s", p.id, e)
 
 
-def _drop_alias(tracker: Tracker, task: str, budget: float) -> None:
+def _drop_alias(tracker: Tracker, task: str, budget: float, suffix: str = "") -> None:
     """Remove a budget alias left by an earlier selection (so it cannot serve a model that is no pick now)."""
-    name, alias = f"finegates-{task}", alias_for(budget)
+    name, alias = model_name(task, suffix), alias_for(budget)
     try:
         tracker.client.get_model_version_by_alias(name, alias)
     except Exception:  # noqa: BLE001 - no such model or alias: nothing to drop
@@ -326,13 +330,15 @@ def _ci(i: Interval | None) -> list[float] | None:
 def select_sweep(tracker: Tracker, tasks: list[str], budgets: list[float], out_dir: Path, mode: str = "relative",
                  select_by: str = "sparsity", sweep: str | None = None, do_register: bool = True, *,
                  rule: str = "paired", n_resamples: int = RESAMPLES, seed: int = SEED, data_dir: str | None = None,
-                 seeds: SeedReruns | None = None, latency_device: str = "trial") -> list[dict[str, Any]]:
+                 seeds: SeedReruns | None = None, latency_device: str = "trial",
+                 registry_suffix: str = "") -> list[dict[str, Any]]:
     """Select per task and budget; write files, register, tag; return one record per (task, budget).
 
     ``rule``: ``paired`` (default) or ``plain``; the trivial-predictor guard applies under both.
     ``data_dir``: where the evaluation data is (for the picks' held-out report score, tune.heldout).
     ``seeds``: seed re-runs of the reference and the picks (tune.seeds); None = the sweep's trials only.
     ``latency_device``: ``trial`` (the latency on the trial's device: its GPU when it had one) or ``cpu``.
+    ``registry_suffix``: appended to the registered model names (``-smoke`` for a smoke sweep).
     """
     if latency_device not in LATENCY_DEVICES:
         raise UsageError(f"--latency-device {latency_device!r} is invalid; accepted: {', '.join(LATENCY_DEVICES)}")
@@ -349,7 +355,7 @@ def select_sweep(tracker: Tracker, tasks: list[str], budgets: list[float], out_d
             log.warning("task %s has no finished trial: nothing to select", task)
             continue
         rows += _select_task(tracker, task, points, budgets, out_dir, mode, select_by, sweep, do_register, rule,
-                             n_resamples, seed, data_dir, seeds)
+                             n_resamples, seed, data_dir, seeds, registry_suffix)
     tmp = out_dir / ".selection.json.tmp"
     tmp.write_text(json.dumps(rows, indent=2, default=str))
     os.replace(tmp, out_dir / "selection.json")
@@ -358,7 +364,8 @@ def select_sweep(tracker: Tracker, tasks: list[str], budgets: list[float], out_d
 
 def _select_task(tracker: Tracker, task: str, points: list[Point], budgets: list[float], out_dir: Path, mode: str,
                  select_by: str, sweep: str | None, do_register: bool, rule: str, n_resamples: int,
-                 seed: int, data_dir: str | None = None, seeds: SeedReruns | None = None) -> list[dict[str, Any]]:
+                 seed: int, data_dir: str | None = None, seeds: SeedReruns | None = None,
+                 suffix: str = "") -> list[dict[str, Any]]:
     from tasks import get_task
 
     spec = get_task(task)
@@ -414,7 +421,7 @@ def _select_task(tracker: Tracker, task: str, points: list[Point], budgets: list
             unchanged = previous is not None and previous.get("chosen_run_id") == run.info.run_id and dest.is_dir()
             if not unchanged:
                 _copy_model(tracker, run, dest)
-            version = register(tracker, task, run, b) if do_register and run.data.tags.get("model_uri") else None
+            version = register(tracker, task, run, b, suffix) if do_register and run.data.tags.get("model_uri") else None
             m = run.data.metrics
             d = diffs.get(run.info.run_id)
             pick_notes = list(notes)
@@ -435,7 +442,7 @@ def _select_task(tracker: Tracker, task: str, points: list[Point], budgets: list
                 pick_notes.append(f"seed re-runs missing for seeds {pick_seeds.missing}: the mean is over "
                                   f"{len(pick_seeds.scores)} seeds")
             if version is not None:
-                _tag_version(tracker, task, version, run.data.metrics.get("score"), rep, pick_seeds)
+                _tag_version(tracker, model_name(task, suffix), version, run.data.metrics.get("score"), rep, pick_seeds)
             record |= {
                 "status": SELECTED, "reason": reason, "notes": pick_notes, "threshold": s.threshold,
                 "chosen_run_id": run.info.run_id, "chosen_trial_id": run.data.tags.get("ray_trial_id"),
@@ -449,7 +456,7 @@ def _select_task(tracker: Tracker, task: str, points: list[Point], budgets: list
                 "metrics": dict(m) | _ci_metrics(ev, run.info.run_id), "eligible": s.eligible,
                 "considered": s.considered, "excluded": len(excluded), "rule": s.rule_text(),
                 "candidates": _candidates(ev, points, diffs, s), "model_dir": str(dest.resolve()),
-                "registered_model": f"finegates-{task}" if version else None, "model_version": version,
+                "registered_model": model_name(task, suffix) if version else None, "model_version": version,
                 "alias": alias_for(b) if version else None,
                 "validation_source": run.data.tags.get("validation_source", ""),
                 "selection_score": m.get("score"), **rep.to_dict(),
@@ -468,7 +475,7 @@ def _select_task(tracker: Tracker, task: str, points: list[Point], budgets: list
             if dest.exists():
                 shutil.rmtree(dest)
             if do_register:
-                _drop_alias(tracker, task, b)
+                _drop_alias(tracker, task, b, suffix)
             record |= {
                 "status": row_status, "reason": row_reason, "notes": notes if s is not None else [],
                 "threshold": s.threshold if s else None, "chosen_run_id": None, "chosen_trial_id": None,
@@ -491,7 +498,7 @@ def _select_task(tracker: Tracker, task: str, points: list[Point], budgets: list
     return rows
 
 
-def _tag_version(tracker: Tracker, task: str, version: str, selection: float | None, rep: "Report",
+def _tag_version(tracker: Tracker, name: str, version: str, selection: float | None, rep: "Report",
                  seed_stats: SeedStats | None) -> None:
     """What the registered model version serves, in its tags: held-out and selection scores, seeds."""
     tags = {"selection_score": selection, "report_score": rep.score, "report_n": rep.n,
@@ -503,10 +510,10 @@ def _tag_version(tracker: Tracker, task: str, version: str, selection: float | N
         if v is None:
             continue
         try:
-            with_retry(lambda: tracker.client.set_model_version_tag(f"finegates-{task}", version, k, str(v)),
+            with_retry(lambda: tracker.client.set_model_version_tag(name, version, k, str(v)),
                        "tag model version", attempts=3)
         except Exception as e:  # noqa: BLE001 - the selection itself stands
-            log.warning("could not tag finegates-%s v%s with %s: %s", task, version, k, e)
+            log.warning("could not tag %s v%s with %s: %s", name, version, k, e)
 
 
 def _finite(x: Any) -> Any:
@@ -606,6 +613,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class NothingToSelect(RuntimeError):
+    """The experiment has nothing the selector could choose from: one line, exit code 1."""
+
+
+def _tasks_to_select(tracker: Tracker, experiment: str, spec: str | None) -> list[str]:
+    """The tasks to select for: those named (each must have a finished trial in the sweep), else every
+    task with a finished trial. Raises :class:`NothingToSelect` when there is nothing to select."""
+    runs = tracker.find_runs(f"tags.`{TAG_ROLE}` = 'trial'")
+    in_sweep = sorted({r.data.tags.get(TAG_TASK) for r in runs if r.data.tags.get(TAG_TASK)})
+    finished = sorted({t for t in in_sweep if any(np.isfinite(p.score) and np.isfinite(p.sparsity)
+                                                  for p in tracker.trial_points(t))})
+    if spec:
+        from tasks import parse_tasks
+
+        tasks = [t.name for t in parse_tasks(spec)]
+        for t in tasks:
+            if t not in in_sweep:
+                raise NothingToSelect(f"--tasks {t!r} is not in sweep {experiment!r}; its tasks: "
+                                      f"{', '.join(in_sweep) or 'none'}")
+            if t not in finished:
+                raise NothingToSelect(f"task {t!r} has no finished trial in sweep {experiment!r}: nothing to select")
+        return tasks
+    if not finished:
+        raise NothingToSelect(f"sweep {experiment!r} has no finished trial ({len(runs)} trial runs, none FINISHED "
+                              "with a score): nothing to select")
+    return finished
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -618,17 +653,22 @@ def main(argv: list[str] | None = None) -> int:
         if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
             # opening a missing SQLite store would create an empty one: the selector only reads
             raise UsageError(f"no MLflow store at {uri}; give the sweep's --mlflow-uri")
+        out = Path(args.out or Path("runs") / args.experiment / "selection").resolve()
+        from finegates.preflight import check_output_dir
+
+        problems = check_output_dir(out, "--out")
+        if problems:
+            raise UsageError(problems[0])
+        if args.tasks:
+            from tasks import parse_tasks
+
+            parse_tasks(args.tasks)  # a bad name is a usage error (2), before the store is read
         exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(args.experiment)
         if exp is None:
             raise UsageError(f"--experiment {args.experiment!r} does not exist in {uri}")
         tracker = Tracker(uri, experiment_id=exp.experiment_id)
-        if args.tasks:
-            from tasks import parse_tasks
-
-            tasks = [t.name for t in parse_tasks(args.tasks)]
-        else:
-            runs = tracker.find_runs("tags.`finegates.role` = 'trial'")
-            tasks = sorted({r.data.tags.get(TAG_TASK) for r in runs if r.data.tags.get(TAG_TASK)})
+        tasks = _tasks_to_select(tracker, args.experiment, args.tasks)
+        suffix = exp.tags.get(TAG_REGISTRY_SUFFIX, "")
         try:
             check_seeds(args.seeds)
         except ValueError as e:
@@ -636,12 +676,14 @@ def main(argv: list[str] | None = None) -> int:
         data_dir = args.data_dir or os.environ.get("FINEGATES_GLUE_DIR") or None
         if data_dir is not None and not Path(data_dir).is_dir():
             raise UsageError(f"--data-dir {data_dir!r} is not a directory; accepted: the GLUE Parquet folder")
-        out = Path(args.out or Path("runs") / args.experiment / "selection").resolve()
         rows = select_sweep(tracker, tasks, budgets, out, args.budget_mode, args.select_by,
                             do_register=not args.no_register, rule=args.rule, n_resamples=args.resamples,
                             seed=args.bootstrap_seed, data_dir=data_dir,
                             seeds=SeedReruns(tracker, args.seeds) if args.seeds > 1 else None,
-                            latency_device=args.latency_device)
+                            latency_device=args.latency_device, registry_suffix=suffix)
+    except NothingToSelect as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (UsageError, TrackingError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -29,6 +29,8 @@ TAG_TASK = "task"
 TAG_METHOD = "method"
 TAG_TRIAL = "ray_trial_id"
 TAG_PARETO = "pareto"
+#: experiment tag: appended to the registered model names (``-smoke`` for a --smoke-test sweep)
+TAG_REGISTRY_SUFFIX = "finegates.registry_suffix"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 
 FINAL_METRICS = ("score", "sparsity", "gate_sparsity", "params_total", "params_trainable", "trainable_pct",

@@ -42,6 +42,13 @@ def trial_config(config: dict[str, Any], fixed: dict[str, Any], output_dir: str)
     return TrainConfig(**kw, extra=extra)
 
 
+def trial_params(config: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
+    """The trial's whole effective configuration (searched values, sweep settings, defaults, among them
+    ``max_length``, which the registered pyfunc model tokenises with): its MLflow params."""
+    return {k: v for k, v in config.items() if not k.startswith("_")} | {
+        k: v for k, v in cfg.to_dict().items() if k not in ("data_dir", "output_dir", "extra")} | cfg.extra
+
+
 def trial_fn(config: dict[str, Any], fixed: dict[str, Any]) -> None:
     """Ray Tune function trainable. ``fixed``: sweep-wide settings (built in :func:`tune.run.sweep`)."""
     import ray
@@ -55,9 +62,7 @@ def trial_fn(config: dict[str, Any], fixed: dict[str, Any]) -> None:
     task, method = config["task"], config["method"]
     out = Path(fixed["models_dir"]) / task / trial_id
     cfg = trial_config(config, fixed, str(out))
-    # the trial's whole effective configuration (searched values, sweep settings, defaults): MLflow params
-    params = {k: v for k, v in config.items() if not k.startswith("_")} | {
-        k: v for k, v in cfg.to_dict().items() if k not in ("data_dir", "output_dir", "extra")} | cfg.extra
+    params = trial_params(config, cfg)
     run_id = tracker.trial_run(fixed["sweep"], fixed["parents"][task], trial_id, task, method, params)
     # the exact config, for the selector's held-out scoring and seed re-runs (tune.heldout, tune.seeds)
     tracker.tag(run_id, TAG_CONFIG, json.dumps({k: v for k, v in cfg.to_dict().items() if k != "output_dir"}))

@@ -299,3 +299,24 @@ def test_cli_bad_selection_options(args, message, tmp_path, capsys, monkeypatch)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and message in err[-1], err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_smoke_sweep_never_touches_a_real_sweeps_aliases(store, capsys, monkeypatch):
+    """The real sweep's choice holds finegates-sst2@budget-0_02; a smoke sweep (experiment tag written by
+    ``tune.run --smoke-test``) selected by the CLI registers finegates-sst2-smoke and leaves it alone."""
+    from tune.tracking import TAG_REGISTRY_SUFFIX
+
+    y = labelled(300, seed=14)
+    store.trial("sst2", right_on(y, 0.9), y, 0.0, reference=True)
+    real = store.select(["sst2"], [0.02])[0]
+    assert real["registered_model"] == "finegates-sst2"
+    store.client.set_experiment_tag(store.exp, TAG_REGISTRY_SUFFIX, "-smoke")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    code = main(["--experiment", SWEEP, "--mlflow-uri", store.uri, "--budget", "0.02", "--out",
+                 str(store.root / "smoke-selection")])
+    assert code == 0, capsys.readouterr().err
+    rows = json.loads((store.root / "smoke-selection" / "selection.json").read_text())
+    assert rows[0]["registered_model"] == "finegates-sst2-smoke"
+    assert store.client.get_model_version_by_alias("finegates-sst2-smoke", "budget-0_02").version == 1
+    kept = store.client.get_model_version_by_alias("finegates-sst2", "budget-0_02")
+    assert (str(kept.version), kept.run_id) == (str(real["model_version"]), real["chosen_run_id"])

@@ -96,7 +96,7 @@ def test_selection_obeys_the_budget_rule_and_models_load(sweep):
             assert row["task"] == "rte" and row["reason"], row
             assert not (model_dir / "model.safetensors").exists()
             with pytest.raises(Exception):
-                client.get_model_version_by_alias(f"finegates-{row['task']}", alias)
+                client.get_model_version_by_alias(f"finegates-{row['task']}-smoke", alias)
             continue
         pts = [Point(r.info.run_id, r.data.metrics["score"], r.data.metrics["sparsity"], r.data.metrics["latency_ms"])
                for r in runs if r.data.tags["task"] == row["task"] and r.info.status == "FINISHED"]
@@ -108,11 +108,11 @@ def test_selection_obeys_the_budget_rule_and_models_load(sweep):
         guarded = [c["run_id"] for c in row["candidates"] if not c["beats_trivial"]]
         assert row["chosen_run_id"] == select(pts, row["budget"], exclude=guarded).chosen.id
         assert (model_dir / "model.safetensors").is_file()
-        assert client.get_model_version_by_alias(f"finegates-{row['task']}", alias).run_id == row["chosen_run_id"]
+        assert client.get_model_version_by_alias(f"finegates-{row['task']}-smoke", alias).run_id == row["chosen_run_id"]
     assert {r["task"] for r in rows if r["status"] == "selected"} >= {"sst2"}
     assert "task" in out and "sparsity" in out  # the summary table
     mlflow.set_tracking_uri(uri)
-    model = mlflow.pyfunc.load_model("models:/finegates-sst2@budget-0_02")
+    model = mlflow.pyfunc.load_model("models:/finegates-sst2-smoke@budget-0_02")
     pred = model.predict(pd.DataFrame({"text": ["a moving, funny film", "a dull mess"]}))
     assert len(pred) == 2 and set(pred["label"]) <= {"negative", "positive"}
     assert all(0 <= s <= 1 and not math.isnan(s) for s in pred["score"])
@@ -128,7 +128,7 @@ def test_rerunning_the_selector_changes_nothing(sweep):
     after = json.loads((d / "out" / "selection" / "selection.json").read_text())
     key = lambda rows: {(r["task"], r["budget"]): (r["chosen_run_id"], r["model_version"]) for r in rows}  # noqa: E731
     assert key(before) == key(after)
-    assert "finegates-sst2" not in err  # no new model version was registered
+    assert "finegates-sst2-smoke" not in err  # no new model version was registered
 
 
 def test_picks_are_scored_once_on_the_held_out_part_and_rerun_with_seeds(sweep):
@@ -150,7 +150,7 @@ def test_picks_are_scored_once_on_the_held_out_part_and_rerun_with_seeds(sweep):
                                                     f"tags.`mlflow.parentRunId` = '{r['chosen_run_id']}'")
         assert [(x.data.tags["seed"], x.info.status) for x in reruns] == [("1949", "FINISHED")]
         assert reruns[0].data.metrics["score"] == pytest.approx(r["seeds"]["scores"][1])
-        mv = c.get_model_version_by_alias(f"finegates-{r['task']}", r["alias"])
+        mv = c.get_model_version_by_alias(f"finegates-{r['task']}-smoke", r["alias"])
         assert float(mv.tags["report_score"]) == pytest.approx(r["report_score"])
         assert float(mv.tags["selection_score"]) == pytest.approx(r["score"]) and mv.tags["seeds"] == "2"
     assert "report part" in out and "over seeds" in out

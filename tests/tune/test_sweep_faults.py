@@ -86,3 +86,32 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(loopback_onl
     assert all(r.data.tags.get("restarts") is None for r in runs if r.data.tags["ray_trial_id"] in finished_before)
     # the study kept its history: 4 Ray trials in the experiment, reference + 3 searched
     assert sum(r.data.params["reference"] == "True" for r in runs) == 1
+
+
+def test_a_task_whose_every_trial_failed_makes_the_sweep_fail(loopback_only, glue_dir, tmp_path):
+    """Input that is valid but makes every trial fail (a gate learning rate of 1e38 overflows AdamW's
+    float step): the sweep exits 1 and says per task the first line of the trials' error; nothing is
+    left RUNNING; the task's parent run is FAILED. Also: without --address the sweep starts its own Ray
+    even when $RAY_ADDRESS names a cluster."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code, out, err = run_cli("tune.run", [
+        "--smoke-test", "--tasks", "rte", "--trials-per-task", "2", "--gate-lr", "1e38", "--teacher", "none",
+        "--max-failures", "0", "--mlflow-uri", uri, "--storage", str(tmp_path / "ray"), "--out",
+        str(tmp_path / "out"), "--experiment", "allfail", "--data-dir", str(glue_dir), "--verbose", "0"], cwd=tmp_path,
+        # a local sweep starts its own Ray: an address in the environment (nothing listens there) is not used
+        env={"RAY_ADDRESS": "127.0.0.1:1"})
+    assert code == 1, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert lines == [lines[0]] and lines[0].startswith("error: task rte: no trial finished (2 failed); first error: "
+                                                       "RuntimeError: value cannot be converted"), lines
+    runs = _runs(uri, "allfail")
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FAILED"]
+    c = MlflowClient(uri)
+    parents = c.search_runs([c.get_experiment_by_name("allfail").experiment_id], "tags.`finegates.role` = 'parent'")
+    assert [p.info.status for p in parents] == ["FAILED"]
+    # the selector agrees: nothing to select, exit 1, one line
+    code, out, err = run_cli("tune.select", ["--experiment", "allfail", "--mlflow-uri", uri, "--out",
+                                             str(tmp_path / "sel")], cwd=tmp_path)
+    assert code == 1 and err.strip().splitlines() == [
+        "error: sweep 'allfail' has no finished trial (2 trial runs, none FINISHED with a score): nothing to select"]
+    assert not (tmp_path / "sel").exists()

@@ -1,0 +1,93 @@
+"""Checks made before a run starts or writes anything: the model directory and output paths (and,
+through :func:`tasks.check_task_data`, the task's data). Each returns a list of one-line problems,
+each naming the file or value and what is accepted; an empty list means usable. ``finegates.train``
+and ``tune.run`` print them all, then exit 2.
+"""
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+from finegates.config import ConfigError, TrainConfig
+
+#: ``config.model_type`` values whose encoders the gates know (finegates.gated_model)
+SUPPORTED_MODEL_TYPES = ("bert", "roberta")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
+
+
+def check_model(model: str | None) -> list[str]:
+    """Problems with the model: a local directory must hold a loadable config.json of a supported family
+    and complete weight files; a hub id must resolve to a config (from the local cache when offline)."""
+    from finegates.train import resolve_model
+
+    try:
+        path = resolve_model(model)
+    except ConfigError as e:
+        return [str(e)]
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001
+        return [f"model {path!r}: cannot load its config ({_first_line(e)}); accepted: a Hugging Face model "
+                "directory or hub id"]
+    mt = getattr(config, "model_type", None)
+    if mt not in SUPPORTED_MODEL_TYPES:
+        return [f"model {path!r} has model_type {mt!r}, which is not supported; accepted: "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)} (BERT and RoBERTa encoders)"]
+    d = Path(path)
+    if not d.is_dir():
+        return []  # a hub id: its weights are checked when they are loaded
+    safetensors = sorted(d.glob("*.safetensors"))
+    bins = sorted(d.glob("pytorch_model*.bin"))
+    if not safetensors and not bins:
+        return [f"model {path!r} has no weights file; accepted: model.safetensors or pytorch_model.bin"]
+    problems = []
+    for f in safetensors:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(f), "pt") as h:  # reads the header; fails unless the file covers every tensor
+                h.keys()
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"model weights {str(f)!r} are unreadable ({_first_line(e)}); accepted: a complete "
+                            "safetensors file")
+    if not safetensors:
+        for f in bins:
+            if not zipfile.is_zipfile(f):
+                problems.append(f"model weights {str(f)!r} are unreadable (not a complete torch zip archive); "
+                                "accepted: a complete pytorch_model.bin or model.safetensors")
+    return problems
+
+
+def check_output_dir(path: str | os.PathLike, flag: str) -> list[str]:
+    """Problems with a directory that will be created or written: it must not be an existing file, and
+    its nearest existing ancestor must be a writable directory."""
+    p = Path(path).expanduser().resolve()
+    if p.exists() and not p.is_dir():
+        return [f"{flag} {str(p)!r} is an existing file; accepted: a directory (existing or to be created)"]
+    anc = p
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        return [f"{flag} {str(p)!r} cannot be created: {str(anc)!r} is a file; accepted: a path under a directory"]
+    if not os.access(anc, os.W_OK | os.X_OK):
+        return [f"{flag} {str(p)!r} cannot be created: {str(anc)!r} is not writable"]
+    return []
+
+
+def check_run(cfg: TrainConfig, output_flag: str = "--output-dir") -> list[str]:
+    """Everything one training run needs, checked before it starts: the task's data, the model and the
+    output directory."""
+    from tasks import check_task_data, get_task
+
+    problems = check_task_data(get_task(cfg.task), cfg.data_dir)
+    problems += check_model(cfg.model)
+    if cfg.output_dir:
+        problems += check_output_dir(cfg.output_dir, output_flag)
+    return problems
