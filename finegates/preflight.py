@@ -11,8 +11,6 @@ from pathlib import Path
 
 from finegates.config import ConfigError, TrainConfig
 
-#: ``config.model_type`` values whose encoders the gates know (finegates.gated_model)
-SUPPORTED_MODEL_TYPES = ("bert", "roberta")
 
 
 def _first_line(e: BaseException) -> str:
@@ -36,10 +34,12 @@ def check_model(model: str | None) -> list[str]:
     except Exception as e:  # noqa: BLE001
         return [f"model {path!r}: cannot load its config ({_first_line(e)}); accepted: a Hugging Face model "
                 "directory or hub id"]
+    from finegates.arch import supported_model_types
+
     mt = getattr(config, "model_type", None)
-    if mt not in SUPPORTED_MODEL_TYPES:
+    if mt not in supported_model_types():  # the families of finegates.arch
         return [f"model {path!r} has model_type {mt!r}, which is not supported; accepted: "
-                f"{', '.join(SUPPORTED_MODEL_TYPES)} (BERT and RoBERTa encoders)"]
+                f"{', '.join(supported_model_types())}"]
     d = Path(path)
     if not d.is_dir():
         return []  # a hub id: its weights are checked when they are loaded

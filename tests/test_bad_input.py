@@ -169,7 +169,7 @@ CASES = [
     ("run-truncated-safetensors", "tune.run", lambda f, t: SWEEP + ["--model", f.model["truncated_weights"]],
      ["truncated_weights/model.safetensors' are unreadable (SafetensorError", "accepted: a complete safetensors file"], 2),
     ("run-unsupported-family", "tune.run", lambda f, t: SWEEP + ["--model", f.model["distilbert"]],
-     ["has model_type 'distilbert', which is not supported; accepted: bert, roberta"], 2),
+     ["model type 'distilbert' is not supported; accepted: bert, camembert, llama, roberta"], 2),
     ("run-no-weights", "tune.run", lambda f, t: SWEEP + ["--model", f.model["no_weights"]],
      ["has no weights file; accepted: model.safetensors or pytorch_model.bin"], 2),
     ("run-bad-config", "tune.run", lambda f, t: SWEEP + ["--model", f.model["bad_config"]],
@@ -232,7 +232,7 @@ CASES = [
     ("train-truncated-safetensors", "finegates.train", lambda f, t: TRAIN + ["--model", f.model["truncated_weights"]],
      ["model.safetensors' are unreadable (SafetensorError"], 2),
     ("train-unsupported-family", "finegates.train", lambda f, t: TRAIN + ["--model", f.model["distilbert"]],
-     ["has model_type 'distilbert', which is not supported; accepted: bert, roberta"], 2),
+     ["model type 'distilbert' is not supported; accepted: bert, camembert, llama, roberta"], 2),
     ("train-output-dir-is-a-file", "finegates.train", lambda f, t: TRAIN + ["--output-dir", f.file],
      ["--output-dir '", "a-file.txt' is an existing file; accepted: a directory"], 2),
     ("train-output-dir-under-a-file", "finegates.train", lambda f, t: TRAIN + ["--output-dir", f.file / "x"],
@@ -243,7 +243,7 @@ CASES = [
      ["--max-eval '1e3' is not an integer; accepted: a positive integer or 'all'"], 2),
     ("train-two-problems", "finegates.train", lambda f, t: TRAIN + ["--data-dir", f.data["truncated"], "--model",
                                                                     f.model["distilbert"]],
-     ["task 'rte': cannot read", "model_type 'distilbert'"], 2),
+     ["task 'rte': cannot read", "model type 'distilbert'"], 2),
 ]
 #: cases that need the loopback-only namespace (they connect to 127.0.0.1)
 NEEDS_LOOPBACK = {"run-address-nothing-listens", "run-ray-client-nothing-listens"}

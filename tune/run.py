@@ -159,12 +159,6 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     train = dict(model=model, data_dir=str(data_dir) if data_dir else None, batch_size=args.batch_size,
                  seed=args.seed, data_seed=args.seed, eval_part="selection", report_frac=args.report_frac,
                  threads=max(1, int(cpus)), **sizes)
-    from tasks import check_split_size, eval_size, get_task
-
-    for t in tasks:  # each evaluation set must split into a selection and a report part
-        n_eval = eval_size(get_task(t), data_dir, sizes.get("max_eval"))
-        if n_eval is not None:
-            check_split_size(get_task(t), n_eval, args.report_frac)
     try:
         TrainConfig(task=tasks[0], **train)  # validates the shared training settings
     except ConfigError as e:
@@ -321,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     problems = check_sweep(v, args.address)  # data, model, paths, tracking store, address: nothing written yet
     if not problems:
+        problems = _check_eval_splits(v)
+    if not problems:
         problems = _check_resume(v, args)
     if problems:
         for msg in problems:
@@ -345,6 +341,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {msg}", file=sys.stderr)
         return 1
     return 0
+
+
+def _check_eval_splits(v: dict[str, Any]) -> list[str]:
+    """Each task's evaluation set must split into a selection and a report part (tasks.split_eval)."""
+    from tasks import TaskError, check_split_size, eval_size, get_task
+
+    problems = []
+    for t in v["tasks"]:
+        try:
+            n_eval = eval_size(get_task(t), v["train"]["data_dir"], v["train"].get("max_eval"))
+            if n_eval is not None:
+                check_split_size(get_task(t), n_eval, v["train"]["report_frac"])
+        except TaskError as e:
+            problems.append(str(e))
+    return problems
 
 
 def _check_resume(v: dict[str, Any], args: argparse.Namespace) -> list[str]:

@@ -125,7 +125,8 @@ def family_of_model_dir(path: str | Path) -> Family:
     try:
         mt = json.loads((Path(path) / "config.json").read_text()).get("model_type")
     except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read {str(Path(path) / 'config.json')!r}: {type(e).__name__}") from e
+        raise ConfigError(f"model {str(path)!r}: cannot load its config ({type(e).__name__}); accepted: a Hugging Face "
+                          "model directory or hub id") from e
     return get_family(str(mt))
 
 
