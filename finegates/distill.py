@@ -15,21 +15,21 @@ Loss (Hinton et al. 2015): classification ``T^2 KL(softmax(t / T) || softmax(s /
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from finegates.locking import file_lock
 
 if TYPE_CHECKING:
     from finegates.config import TrainConfig
@@ -79,15 +79,6 @@ def teacher_key(tcfg: "TrainConfig", model_path: str, train_rows: list[dict]) ->
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _load(d: Path, reused: bool) -> Teacher:
@@ -102,7 +93,7 @@ def get_teacher(cfg: "TrainConfig", model_path: str, train_rows: list[dict], col
     tcfg = teacher_config(cfg)
     key = teacher_key(tcfg, model_path, train_rows)
     d = cache_root(cfg) / f"{cfg.task}-{cfg.teacher}-{key}"
-    with _locked(d.parent / f".{d.name}.lock"):
+    with file_lock(d.parent / f".{d.name}.lock"):
         if (d / "teacher.json").is_file():
             log.info("teacher %s: reused", d)
             return _load(d, reused=True)

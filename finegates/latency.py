@@ -16,6 +16,8 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
+from finegates.locking import file_lock
+
 
 @contextmanager
 def torch_threads(n: int | None):
@@ -84,14 +86,8 @@ GPU_TIMING_LOCK = os.path.join(tempfile.gettempdir(), "finegates-gpu-timing.lock
 def gpu_timing_lock(path: str = GPU_TIMING_LOCK):
     """Trials that share a GPU (fractional ``--gpus-per-trial``) take turns to time: one timing phase at a
     time per machine, so no timing runs beside another one (training may still run beside it)."""
-    import fcntl
-
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with file_lock(path):
+        yield
 
 
 def measure_latency(dense: nn.Module, exported: nn.Module, *, batch: int, length: int, repeats: int, seed: int = 0,
