@@ -178,7 +178,7 @@ def pin_to_target(model: nn.Module, target: float | None, align: int | None = No
     are kept, in the number the target allows. When the gates closed more than the target, the least
     closed units are reopened (eval gate 0.05; recovery trains them). Returns the price used.
     """
-    if align is not None and family_of(model).name == "bert":  # the aligned plan knows BERT's layout only
+    if align is not None and target is not None and family_of(model).name == "bert":  # the aligned plan knows BERT's layout only
         return _pin_aligned(model, target, align, align > 1 if same_head_dim is None else same_head_dim)
     lo = -0.5  # mu <= -0.5 is closed already
     if target is not None and closure_sparsity(model, lo) < target:
