@@ -673,9 +673,10 @@ def main(argv: list[str] | None = None) -> int:
             check_seeds(args.seeds)
         except ValueError as e:
             raise UsageError(str(e)) from None
-        data_dir = args.data_dir or os.environ.get("FINEGATES_GLUE_DIR") or None
-        if data_dir is not None and not Path(data_dir).is_dir():
-            raise UsageError(f"--data-dir {data_dir!r} is not a directory; accepted: the GLUE Parquet folder")
+        from tasks import resolve_data_dir
+
+        local = resolve_data_dir(args.data_dir)  # --data-dir, else $FINEGATES_GLUE_DIR; a missing folder: one line
+        data_dir = str(local) if local is not None else None
         rows = select_sweep(tracker, tasks, budgets, out, args.budget_mode, args.select_by,
                             do_register=not args.no_register, rule=args.rule, n_resamples=args.resamples,
                             seed=args.bootstrap_seed, data_dir=data_dir,
