@@ -104,7 +104,7 @@ def _log(tracker: Tracker, run_id: str, rep: Report, preds: np.ndarray, labels: 
         path = Path(d) / REPORT_ARTIFACT
         np.savez(path, predictions=preds, labels=labels)
         try:
-            with_retry(lambda: tracker.client.log_artifact(run_id, str(path)), "log report predictions", attempts=3)
+            with_retry(lambda: tracker.client.log_artifact(run_id, str(path)), "log report predictions")
         except Exception as e:  # noqa: BLE001 - the score itself is what matters; it is still logged below
             log.warning("could not log the report predictions of run %s: %s", run_id, e)
     with_retry(lambda: tracker.client.log_batch(run_id, metrics=metrics), "log report score")

@@ -92,10 +92,12 @@ def _table(points: list[Point]) -> str:
 def log_task_summary(tracker, parent_id: str, task: str, points: list[Point], budgets: list[float],
                      mode: str) -> None:
     """Pareto plot (PNG) and front table (CSV) as artifacts of the parent run."""
+    from tune.tracking import with_retry
+
     if not points:
         return
     with tempfile.TemporaryDirectory() as d:
         plot_task(task, points, budgets, mode, Path(d) / f"pareto_{task}.png")
         (Path(d) / f"pareto_front_{task}.csv").write_text(front_table(points))
         (Path(d) / f"trials_{task}.csv").write_text(points_table(points))
-        tracker.client.log_artifacts(parent_id, d)
+        with_retry(lambda: tracker.client.log_artifacts(parent_id, d), "log task summary", tracker.retry_s)

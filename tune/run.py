@@ -196,7 +196,7 @@ def sweep(v: dict[str, Any], args: argparse.Namespace) -> tuple[Tracker, dict[st
 
     from tune.callbacks import ParetoCallback
     from tune.searcher import MultiTaskOptunaSearch
-    from tune.tracking import Tracker
+    from tune.tracking import Tracker, with_retry
     from tune.trial import trial_fn
 
     if not ray.is_initialized():  # before any MLflow run exists: a failure here leaves nothing RUNNING
@@ -206,7 +206,8 @@ def sweep(v: dict[str, Any], args: argparse.Namespace) -> tuple[Tracker, dict[st
             ray.init(address="local", include_dashboard=False, log_to_driver=False)
     tracker = Tracker(v["uri"], v["experiment"])
     if args.smoke_test:
-        tracker.client.set_experiment_tag(tracker.experiment_id, TAG_REGISTRY_SUFFIX, SMOKE_REGISTRY_SUFFIX)
+        with_retry(lambda: tracker.client.set_experiment_tag(tracker.experiment_id, TAG_REGISTRY_SUFFIX,
+                                                             SMOKE_REGISTRY_SUFFIX), "tag experiment")
     parents = {t: tracker.parent_run(v["experiment"], t) for t in v["tasks"]}
     fixed = dict(mlflow_uri=v["uri"], experiment_id=tracker.experiment_id, sweep=v["experiment"], parents=parents,
                  models_dir=str(v["out"] / "models"), train=v["train"])
@@ -242,7 +243,8 @@ def sweep(v: dict[str, Any], args: argparse.Namespace) -> tuple[Tracker, dict[st
     for task in v["tasks"]:
         pts = tracker.update_pareto_tags(task, v["experiment"])
         log_task_summary(tracker, parents[task], task, pts, v["budgets"], args.budget_mode)
-        tracker.client.set_terminated(parents[task], status="FINISHED" if pts else "FAILED")
+        with_retry(lambda: tracker.client.set_terminated(parents[task], status="FINISHED" if pts else "FAILED"),
+                   "close parent run")
         if not pts:
             failed[task] = _task_failure(tracker, grid, task, v["experiment"])
     return tracker, failed

@@ -157,10 +157,12 @@ def load_predictions(tracker: Tracker, run, task: "TaskSpec") -> tuple[np.ndarra
         tmp = None
         try:
             if where is None:
-                if not any(f.path == PREDICTIONS_ARTIFACT for f in tracker.client.list_artifacts(run_id)):
+                listed = with_retry(lambda: tracker.client.list_artifacts(run_id), "list artifacts", tracker.retry_s)
+                if not any(f.path == PREDICTIONS_ARTIFACT for f in listed):
                     continue
                 tmp = tempfile.mkdtemp(prefix="finegates-preds-")
-                where = tracker.client.download_artifacts(run_id, PREDICTIONS_ARTIFACT, tmp)
+                where = with_retry(lambda: tracker.client.download_artifacts(run_id, PREDICTIONS_ARTIFACT, tmp),
+                                   "download predictions", tracker.retry_s)
             with np.load(where, allow_pickle=False) as z:
                 preds, labels = np.asarray(z["predictions"]), np.asarray(z["labels"])
         except Exception as e:  # noqa: BLE001 - missing or unreadable evidence: the documented fallbacks apply
@@ -303,8 +305,7 @@ def _log_intervals(tracker: Tracker, ev: TaskEvidence, points: list[Point]) -> N
         now = int(time.time() * 1000)
         try:
             with_retry(lambda: tracker.client.log_batch(p.id, metrics=[Metric(k, float(v), now, 0)
-                                                                      for k, v in want.items()]), "log intervals",
-                       attempts=3)
+                                                                      for k, v in want.items()]), "log intervals")
         except Exception as e:  # noqa: BLE001
             log.warning("could not log the score interval of run %s: %s", p.id, e)
 
@@ -511,7 +512,7 @@ def _tag_version(tracker: Tracker, name: str, version: str, selection: float | N
             continue
         try:
             with_retry(lambda: tracker.client.set_model_version_tag(name, version, k, str(v)),
-                       "tag model version", attempts=3)
+                       "tag model version")
         except Exception as e:  # noqa: BLE001 - the selection itself stands
             log.warning("could not tag %s v%s with %s: %s", name, version, k, e)
 
@@ -663,7 +664,8 @@ def main(argv: list[str] | None = None) -> int:
             from tasks import parse_tasks
 
             parse_tasks(args.tasks)  # a bad name is a usage error (2), before the store is read
-        exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(args.experiment)
+        exp = with_retry(lambda: MlflowClient(tracking_uri=uri).get_experiment_by_name(args.experiment),
+                         "get experiment")
         if exp is None:
             raise UsageError(f"--experiment {args.experiment!r} does not exist in {uri}")
         tracker = Tracker(uri, experiment_id=exp.experiment_id)

@@ -44,17 +44,81 @@ class TrackingError(RuntimeError):
     """The tracking store cannot be used. One-line message."""
 
 
-def with_retry(fn: Callable[[], T], what: str, attempts: int = 5, backoff: float = 1.0) -> T:
-    """Call ``fn``; on an error retry with exponential backoff (a tracking server may be restarting)."""
-    for i in range(attempts):
+#: seconds a tracking call keeps retrying transient errors (server away, restarting, overloaded)
+RETRY_ENV = "FINEGATES_MLFLOW_RETRY_S"
+DEFAULT_RETRY_S = 180.0
+#: the longest wait between two attempts (the backoff doubles from 1 s up to this)
+MAX_BACKOFF_S = 10.0
+#: MLflow's own HTTP retries per request unless MLFLOW_HTTP_REQUEST_MAX_RETRIES is set: its default (7, backoff
+#: 0, 4, 8 ... 64 s) keeps one call retrying for about 4 minutes, longer than our deadline and up to a minute late
+#: after the server is back; 2 (about 4 s against a stopped server) leaves the waiting to :func:`with_retry`
+MLFLOW_HTTP_RETRIES = "2"
+#: the most metrics one ``log_batch`` request may carry (MLflow's limit)
+MAX_METRICS_PER_BATCH = 1000
+
+
+def retry_deadline_s() -> float:
+    """``$FINEGATES_MLFLOW_RETRY_S`` (default 180): a number of seconds >= 0; else one-line :class:`TrackingError`."""
+    raw = os.environ.get(RETRY_ENV, "").strip()
+    if not raw:
+        return DEFAULT_RETRY_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise TrackingError(f"{RETRY_ENV}={raw!r} is not a number of seconds; accepted: a number >= 0 (how long a "
+                            f"tracking call retries while the server is away; default {DEFAULT_RETRY_S:g}, "
+                            "0 = one attempt)")
+    return value
+
+
+def is_transient(e: BaseException) -> bool:
+    """Worth retrying: the server could not be reached or did not answer in time (a connection error anywhere in
+    the exception's chain: MLflow wraps the ``requests`` error in an :class:`MlflowException` with code
+    INTERNAL_ERROR), the server answered 5xx or 429 (``RestException``), or the store said it is temporarily
+    unavailable (a locked SQLite database). Not transient: every other answer (an invalid parameter, a missing
+    run: 4xx) and errors of our own."""
+    import requests
+    from mlflow.exceptions import MlflowException, RestException
+
+    seen: set[int] = set()
+    x: BaseException | None = e
+    while x is not None and id(x) not in seen:
+        seen.add(id(x))
+        if isinstance(x, (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                          requests.exceptions.RetryError, ConnectionError, TimeoutError)):
+            return True
+        if isinstance(x, requests.HTTPError) and x.response is not None and x.response.status_code >= 500:
+            return True  # an artifact upload or download the server answered with 5xx
+        x = x.__cause__ or x.__context__
+    if isinstance(e, MlflowException):
+        status = e.get_http_status_code()
+        return status in (408, 429, 503, 504) or (isinstance(e, RestException) and status >= 500)
+    return False
+
+
+def with_retry(fn: Callable[[], T], what: str, deadline_s: float | None = None) -> T:
+    """Call ``fn``; while it fails with a transient error (:func:`is_transient`: a tracking server that is away
+    or restarting) retry with a backoff doubling from 1 s up to :data:`MAX_BACKOFF_S`, one warning per retry,
+    until ``deadline_s`` seconds (default ``$FINEGATES_MLFLOW_RETRY_S``, else 180) have passed; then, or at once
+    for any other error, raise the last error. ``deadline_s=0``: one attempt."""
+    deadline_s = retry_deadline_s() if deadline_s is None else deadline_s
+    end = time.monotonic() + deadline_s
+    wait, attempt = 1.0, 1
+    while True:
         try:
             return fn()
-        except Exception as e:  # noqa: BLE001
-            if i == attempts - 1:
+        except Exception as e:  # noqa: BLE001 - classified below
+            left = end - time.monotonic()
+            if not is_transient(e) or left <= 0:
                 raise
-            log.warning("MLflow %s failed (%s: %s); retry %d/%d", what, type(e).__name__, e, i + 1, attempts - 1)
-            time.sleep(backoff * 2**i)
-    raise AssertionError("unreachable")
+            pause = min(wait, left)
+            first = (str(e).splitlines() or [""])[0][:300]
+            log.warning("MLflow %s failed (%s: %s); attempt %d, next in %.0f s (%.0f s of %g s left)", what,
+                        type(e).__name__, first, attempt + 1, pause, left, deadline_s)
+            time.sleep(pause)
+            wait, attempt = min(2 * wait, MAX_BACKOFF_S), attempt + 1
 
 
 def default_tracking_uri() -> str:
@@ -62,7 +126,9 @@ def default_tracking_uri() -> str:
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Raise :class:`TrackingError` (one line) unless the tracking store at ``uri`` answers."""
+    """Raise :class:`TrackingError` (one line) unless the tracking store at ``uri`` answers (and
+    ``$FINEGATES_MLFLOW_RETRY_S``, if set, is valid)."""
+    retry_deadline_s()
     if uri.startswith(("http://", "https://")):
         import urllib.request
 
@@ -90,20 +156,30 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
 class Tracker:
     """A sweep's view of the MLflow store."""
 
-    def __init__(self, uri: str, experiment: str | None = None, experiment_id: str | None = None) -> None:
-        self.uri = uri
+    def __init__(self, uri: str, experiment: str | None = None, experiment_id: str | None = None,
+                 retry_s: float | None = None) -> None:
+        """``retry_s``: how long each call retries while the server is away (default ``$FINEGATES_MLFLOW_RETRY_S``,
+        else 180 s; 0: one attempt, for best-effort callers)."""
+        self.uri, self.retry_s = uri, retry_s
+        if uri.startswith(("http://", "https://")):
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", MLFLOW_HTTP_RETRIES)
         self.client = MlflowClient(tracking_uri=uri)
+        #: per run: epoch metrics not yet written (the server was away); written with the run's next call
+        self._pending: dict[str, list] = {}
         if experiment_id is None:
             assert experiment is not None
-            exp = with_retry(lambda: self.client.get_experiment_by_name(experiment), "get experiment")
-            experiment_id = exp.experiment_id if exp is not None else with_retry(
+            exp = self._retry(lambda: self.client.get_experiment_by_name(experiment), "get experiment")
+            experiment_id = exp.experiment_id if exp is not None else self._retry(
                 lambda: self.client.create_experiment(experiment), "create experiment")
         self.experiment_id = experiment_id
+
+    def _retry(self, fn: Callable[[], T], what: str) -> T:
+        return with_retry(fn, what, self.retry_s)
 
     # ---- runs
     def find_runs(self, *filters: str, status: str | None = None) -> list:
         q = " and ".join(filters + ((f"attributes.status = '{status}'",) if status else ()))
-        return with_retry(lambda: self.client.search_runs([self.experiment_id], q, max_results=5000), "search")
+        return self._retry(lambda: self.client.search_runs([self.experiment_id], q, max_results=5000), "search")
 
     def parent_run(self, sweep: str, task: str) -> str:
         """The task's parent run (created once, found again on resume)."""
@@ -112,9 +188,9 @@ class Tracker:
         if runs:
             run_id = runs[0].info.run_id
             if runs[0].info.status != "RUNNING":
-                self.client.update_run(run_id, status="RUNNING")
+                self._retry(lambda: self.client.update_run(run_id, status="RUNNING"), "reopen parent run")
             return run_id
-        run = with_retry(lambda: self.client.create_run(
+        run = self._retry(lambda: self.client.create_run(
             self.experiment_id, run_name=task, tags={TAG_ROLE: "parent", TAG_TASK: task, TAG_SWEEP: sweep}),
             "create parent run")
         return run.info.run_id
@@ -125,17 +201,17 @@ class Tracker:
         runs = self.find_runs(f"tags.`{TAG_TRIAL}` = '{trial_id}'", f"tags.`{TAG_SWEEP}` = '{sweep}'")
         if runs:
             run_id = runs[0].info.run_id
-            with_retry(lambda: self.client.update_run(run_id, status="RUNNING"), "reopen run")
-            with_retry(lambda: self.client.set_tag(run_id, "node_id", _node_id()), "tag")
-            with_retry(lambda: self.client.set_tag(run_id, "restarts", str(int(runs[0].data.tags.get("restarts", "0")) + 1)),
+            self._retry(lambda: self.client.update_run(run_id, status="RUNNING"), "reopen run")
+            self._retry(lambda: self.client.set_tag(run_id, "node_id", _node_id()), "tag")
+            self._retry(lambda: self.client.set_tag(run_id, "restarts", str(int(runs[0].data.tags.get("restarts", "0")) + 1)),
                        "tag")
             return run_id
         tags = {"mlflow.parentRunId": parent_id, TAG_ROLE: "trial", TAG_TASK: task, TAG_METHOD: method,
                 TAG_TRIAL: trial_id, TAG_SWEEP: sweep, TAG_PARETO: "false", "node_id": _node_id()}
-        run = with_retry(lambda: self.client.create_run(self.experiment_id, run_name=f"{task}-{method}-{trial_id}",
+        run = self._retry(lambda: self.client.create_run(self.experiment_id, run_name=f"{task}-{method}-{trial_id}",
                                                         tags=tags), "create trial run")
         flat = {k: ("none" if v is None else str(v))[:500] for k, v in params.items()}
-        with_retry(lambda: self.client.log_batch(run.info.run_id, params=_params(flat)), "log params")
+        self._retry(lambda: self.client.log_batch(run.info.run_id, params=_params(flat)), "log params")
         return run.info.run_id
 
     def rerun_run(self, sweep: str, trial_run_id: str, task: str, method: str, seed: int) -> str:
@@ -145,29 +221,51 @@ class Tracker:
         runs = self.find_runs(f"tags.`{TAG_ROLE}` = '{ROLE_RERUN}'", f"tags.`mlflow.parentRunId` = '{trial_run_id}'",
                               f"tags.`seed` = '{seed}'")
         if runs:
-            with_retry(lambda: self.client.update_run(runs[0].info.run_id, status="RUNNING"), "reopen run")
+            self._retry(lambda: self.client.update_run(runs[0].info.run_id, status="RUNNING"), "reopen run")
             return runs[0].info.run_id
         tags = {"mlflow.parentRunId": trial_run_id, TAG_ROLE: ROLE_RERUN, TAG_TASK: task, TAG_METHOD: method,
                 TAG_SWEEP: sweep, "seed": str(seed), "node_id": _node_id()}
-        run = with_retry(lambda: self.client.create_run(self.experiment_id, run_name=f"{task}-{method}-seed{seed}",
+        run = self._retry(lambda: self.client.create_run(self.experiment_id, run_name=f"{task}-{method}-seed{seed}",
                                                         tags=tags), "create re-run")
-        with_retry(lambda: self.client.log_batch(run.info.run_id, params=_params({"seed": str(seed),
+        self._retry(lambda: self.client.log_batch(run.info.run_id, params=_params({"seed": str(seed),
                                                                                    "rerun_of": trial_run_id})),
                    "log params")
         return run.info.run_id
 
     def tag(self, run_id: str, key: str, value: str) -> None:
-        with_retry(lambda: self.client.set_tag(run_id, key, value), f"tag {key}")
+        self._retry(lambda: self.client.set_tag(run_id, key, value), f"tag {key}")
 
     def log_epoch(self, run_id: str, metrics: dict[str, Any], step: int) -> None:
+        """Log one epoch's metrics in one attempt, so that a tracking server that is away never holds up training:
+        metrics that cannot be written now are kept and written with the run's next epoch or, at the latest, by
+        :meth:`finish_trial` / :meth:`fail_trial`, which retry until the deadline. Only metrics the server
+        refuses (a non-transient error) are dropped, with a warning."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        ms = [Metric(k, float(v), now, step) for k, v in metrics.items() if _is_number(v)]
+        self._pending.setdefault(run_id, []).extend(Metric(k, float(v), now, step) for k, v in metrics.items()
+                                                    if _is_number(v))
         try:
-            with_retry(lambda: self.client.log_batch(run_id, metrics=ms), "log epoch", attempts=3)
-        except Exception as e:  # noqa: BLE001 - a lost epoch metric must not kill the trial
-            log.warning("could not log epoch %d to MLflow: %s", step, e)
+            self._flush_epochs(run_id, deadline_s=0)
+        except Exception as e:  # noqa: BLE001 - an epoch's metrics must not kill the trial
+            first = (str(e).splitlines() or [""])[0][:300]
+            if is_transient(e):
+                log.warning("epoch %d metrics kept for later (%d pending): MLflow unavailable (%s: %s)", step,
+                            len(self._pending.get(run_id, [])), type(e).__name__, first)
+            else:
+                dropped = self._pending.pop(run_id, [])
+                log.warning("MLflow refused %d epoch metrics (up to epoch %d), dropped: %s: %s", len(dropped), step,
+                            type(e).__name__, first)
+
+    def _flush_epochs(self, run_id: str, deadline_s: float | None = None) -> None:
+        """Write the run's pending epoch metrics (in batches MLflow accepts); what is written leaves the queue."""
+        pending = self._pending.get(run_id, [])
+        while pending:
+            batch = pending[:MAX_METRICS_PER_BATCH]
+            with_retry(lambda: self.client.log_batch(run_id, metrics=batch), "log epoch metrics",
+                       self.retry_s if deadline_s is None else deadline_s)
+            del pending[:len(batch)]
+        self._pending.pop(run_id, None)
 
     def finish_trial(self, run_id: str, result: dict[str, Any], model_dir: str | None) -> None:
         from mlflow.entities import Metric, RunTag
@@ -178,6 +276,7 @@ class Tracker:
         step = int(result.get("epochs_completed", 0))
         ms = [Metric(k, float(v), now, step) for k, v in result.items()
               if (k in FINAL_METRICS or k.startswith(("eval_", "gpu_"))) and _is_number(v)]
+        self._flush_epochs(run_id)  # epochs the server missed first (their final values supersede them below)
         tags = [RunTag("validation_source", str(result.get("validation_source", ""))),
                 RunTag("latency_device", str(result.get("latency_device", ""))),
                 RunTag("latency_note", str(result.get("latency_note", ""))),
@@ -186,18 +285,19 @@ class Tracker:
         if result.get("teacher_path"):  # the cached teacher this trial distilled from (trained by it or reused)
             tags += [RunTag("teacher_path", str(result["teacher_path"])),
                      RunTag("teacher_reused", str(bool(result.get("teacher_reused"))).lower())]
-        with_retry(lambda: self.client.log_batch(run_id, metrics=ms, tags=tags), "log final metrics")
+        self._retry(lambda: self.client.log_batch(run_id, metrics=ms, tags=tags), "log final metrics")
         preds = result.get("predictions_path")
         if preds and os.path.isfile(preds):  # per-example eval predictions: bootstrap intervals, paired tests
-            with_retry(lambda: self.client.log_artifact(run_id, preds), "log predictions", attempts=3)
+            self._retry(lambda: self.client.log_artifact(run_id, preds), "log predictions")
         if model_dir:
-            with_retry(lambda: self.log_model(run_id, model_dir), "log model", attempts=3)
-        with_retry(lambda: self.client.set_terminated(run_id, status="FINISHED"), "finish run")
+            self._retry(lambda: self.log_model(run_id, model_dir), "log model")
+        self._retry(lambda: self.client.set_terminated(run_id, status="FINISHED"), "finish run")
 
     def fail_trial(self, run_id: str, error: BaseException) -> None:
         try:
-            with_retry(lambda: self.client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:4000]), "tag")
-            with_retry(lambda: self.client.set_terminated(run_id, status="FAILED"), "fail run")
+            self._flush_epochs(run_id)  # the epochs it trained stay visible
+            self._retry(lambda: self.client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:4000]), "tag")
+            self._retry(lambda: self.client.set_terminated(run_id, status="FAILED"), "fail run")
         except Exception as e:  # noqa: BLE001
             log.warning("could not mark run %s FAILED: %s", run_id, e)
 
@@ -215,7 +315,7 @@ class Tracker:
                                            artifacts={"checkpoint": model_dir}, signature=sig,
                                            pip_requirements=["torch", "transformers", "safetensors", "pandas"])
         # the fluent context set the run FINISHED on exit; finish_trial sets it again explicitly
-        self.client.set_tag(run_id, "model_uri", info.model_uri)
+        self._retry(lambda: self.client.set_tag(run_id, "model_uri", info.model_uri), "tag model_uri")
         return info.model_uri
 
     def reconcile(self, sweep: str, trial_ids: set[str]) -> int:
@@ -225,11 +325,12 @@ class Tracker:
         closed = 0
         for r in self.find_runs(f"tags.`{TAG_ROLE}` = 'trial'", f"tags.`{TAG_SWEEP}` = '{sweep}'"):
             if r.info.status in ("RUNNING", "SCHEDULED"):
+                run_id = r.info.run_id
                 if r.data.tags.get(TAG_TRIAL) not in trial_ids:
-                    self.client.set_tag(r.info.run_id, "orphaned", "its Ray trial was lost with the driver; "
-                                        "the search went on under another trial id")
-                self.client.set_tag(r.info.run_id, "error", "run left RUNNING when its trial ended")
-                self.client.set_terminated(r.info.run_id, status="FAILED")
+                    self.tag(run_id, "orphaned", "its Ray trial was lost with the driver; the search went on under "
+                             "another trial id")
+                self.tag(run_id, "error", "run left RUNNING when its trial ended")
+                self._retry(lambda: self.client.set_terminated(run_id, status="FAILED"), "close stale run")
                 closed += 1
         return closed
 
@@ -254,7 +355,7 @@ class Tracker:
         for p in pts:
             want = "true" if p.id in front else "false"
             if p.info["run"].data.tags.get(TAG_PARETO) != want:
-                with_retry(lambda: self.client.set_tag(p.id, TAG_PARETO, want), "pareto tag")
+                self._retry(lambda: self.client.set_tag(p.id, TAG_PARETO, want), "pareto tag")
         return pts
 
 
@@ -277,4 +378,5 @@ def _params(flat: dict[str, str]):
     return [Param(k, v) for k, v in flat.items()]
 
 
-__all__ = ["RunStatus", "TrackingError", "Tracker", "check_reachable", "default_tracking_uri", "with_retry"]
+__all__ = ["RunStatus", "TrackingError", "Tracker", "check_reachable", "default_tracking_uri", "is_transient",
+           "retry_deadline_s", "with_retry"]
