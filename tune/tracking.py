@@ -194,6 +194,14 @@ class Tracker:
             with_retry(lambda: self.log_model(run_id, model_dir), "log model", attempts=3)
         with_retry(lambda: self.client.set_terminated(run_id, status="FINISHED"), "finish run")
 
+    def end_stopped(self, run_id: str) -> None:
+        """End the run of a trial that Tune stopped (early stopping, or the sweep stopping): KILLED, not FAILED;
+        its epochs stay logged. A resumed trial reopens it."""
+        try:
+            with_retry(lambda: self.client.set_terminated(run_id, status="KILLED"), "end stopped run")
+        except Exception as e:  # noqa: BLE001 - reconcile closes it after the sweep
+            log.warning("could not end stopped run %s: %s", run_id, e)
+
     def fail_trial(self, run_id: str, error: BaseException) -> None:
         try:
             with_retry(lambda: self.client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:4000]), "tag")
@@ -225,6 +233,9 @@ class Tracker:
         closed = 0
         for r in self.find_runs(f"tags.`{TAG_ROLE}` = 'trial'", f"tags.`{TAG_SWEEP}` = '{sweep}'"):
             if r.info.status in ("RUNNING", "SCHEDULED"):
+                if r.data.tags.get("stopped_early") == "true":  # stopped by tune.scheduler; its worker went first
+                    self.client.set_terminated(r.info.run_id, status="KILLED")
+                    continue
                 if r.data.tags.get(TAG_TRIAL) not in trial_ids:
                     self.client.set_tag(r.info.run_id, "orphaned", "its Ray trial was lost with the driver; "
                                         "the search went on under another trial id")
