@@ -195,6 +195,12 @@ CASES = [
      ["--resume and --resume-or-start exclude each other"], 2),
     ("run-max-eval-not-a-number", "tune.run", lambda f, t: SWEEP + ["--max-eval", "lots"],
      ["--max-eval 'lots' is not an integer; accepted: a positive integer or 'all'"], 2),
+    ("run-stop-k-zero", "tune.run", lambda f, t: SWEEP + ["--stop-k", "0"],
+     ["--stop-k 0 is invalid; accepted: an integer >= 1"], 2),
+    ("run-stop-margin-negative", "tune.run", lambda f, t: SWEEP + ["--stop-margin", "-0.1"],
+     ["--stop-margin -0.1 is out of range; accepted: a number in [0, 1)"], 2),
+    ("run-stop-rungs-not-epochs", "tune.run", lambda f, t: SWEEP + ["--stop-rungs", "first"],
+     ["--stop-rungs 'first' is invalid; accepted: 'all' or a comma list of epochs >= 1"], 2),
     ("run-two-problems", "tune.run", lambda f, t: SWEEP + ["--data-dir", f.data["labels_shifted"], "--out", f.file],
      ["labels outside the task's range", "--out '"], 2),
     # --- tune.select

@@ -102,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
       "part: trials and the selector see the rest; each pick is scored once on it (docs/SELECTION.md; default: 0.5)")
     a("--seeds", type=int, default=1, help="re-run the reference and each pick with this many seeds in all before "
       "registration; report mean +- std and drop a pick whose mean is not within budget (default: 1 = no re-runs)")
+    a("--scheduler", default="budget", choices=["budget", "none"], help="early stopping at each epoch: budget = stop a "
+      "trial below its task's budget threshold by more than --stop-margin, or dominated in (score, sparsity) by "
+      "--stop-k trials, at the same epoch (references never; docs/SCHEDULER.md); none = every trial runs all its "
+      "epochs (default: budget)")
+    a("--stop-margin", type=float, default=0.05, help="score points below the budget threshold before a trial is "
+      "stopped (default: 0.05)")
+    a("--stop-k", type=int, default=2, help="stop a trial dominated by at least this many trials (default: 2)")
+    a("--stop-rungs", default="all", help="epochs at which the scheduler decides: 'all' or a comma list such as 1,2 "
+      "(default: all)")
     a("--max-failures", type=int, default=1, help="retries of a trial whose worker died (default: 1)")
     a("--verbose", type=int, default=1, help="Ray Tune verbosity 0-3 (default: 1)")
     return p
@@ -184,8 +193,28 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
                                      "finegates-" + ("glue" if args.tasks == "glue" else "-".join(tasks)))
     out = Path(args.out).resolve() if args.out else Path("runs", experiment).resolve()
     train["teacher_cache"] = str(out / "teachers")
+    rule = _stop_rule(args, budgets, float(train["epochs"]))
     return dict(tasks=tasks, budgets=budgets, methods=methods, trials=trials, cpus=cpus, storage=storage, uri=uri,
-                train=train, experiment=experiment, out=out, scale=scale, spaces=spaces)
+                train=train, experiment=experiment, out=out, scale=scale, spaces=spaces, stop_rule=rule)
+
+
+def _stop_rule(args: argparse.Namespace, budgets: list[float], epochs: float):
+    """The scheduler's rule from the options (None for ``--scheduler none``); one-line UsageErrors."""
+    from tune.scheduler import StopRule, parse_rungs
+
+    if not (args.stop_margin >= 0 and args.stop_margin < 1):
+        raise UsageError(f"--stop-margin {args.stop_margin:g} is out of range; accepted: a number in [0, 1) "
+                         "(score points below the budget threshold)")
+    if args.stop_k < 1:
+        raise UsageError(f"--stop-k {args.stop_k} is invalid; accepted: an integer >= 1")
+    try:
+        rungs = parse_rungs(args.stop_rungs)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.scheduler == "none":
+        return None
+    return StopRule(budget=max(budgets), budget_mode=args.budget_mode, margin=args.stop_margin, k=args.stop_k,
+                    rungs=rungs, epochs=epochs)
 
 
 def sweep(v: dict[str, Any], args: argparse.Namespace) -> tuple[Tracker, dict[str, str]]:
@@ -196,7 +225,7 @@ def sweep(v: dict[str, Any], args: argparse.Namespace) -> tuple[Tracker, dict[st
 
     from tune.callbacks import ParetoCallback
     from tune.searcher import MultiTaskOptunaSearch
-    from tune.tracking import Tracker, with_retry
+    from tune.tracking import TAG_ROLE, TAG_SWEEP, Tracker, with_retry
     from tune.trial import trial_fn
 
     if not ray.is_initialized():  # before any MLflow run exists: a failure here leaves nothing RUNNING
@@ -221,9 +250,14 @@ def sweep(v: dict[str, Any], args: argparse.Namespace) -> tuple[Tracker, dict[st
     else:
         searcher = MultiTaskOptunaSearch(v["tasks"], v["spaces"], v["trials"], seed=args.seed)
         n = v["trials"] * len(v["tasks"]) * len(v["methods"])
+        scheduler = None
+        if v["stop_rule"] is not None:
+            from tune.scheduler import BudgetStopper
+
+            scheduler = BudgetStopper(v["stop_rule"], tracking=(v["uri"], tracker.experiment_id, v["experiment"]))
         tuner = tune.Tuner(
             trainable,
-            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=n, reuse_actors=True,
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=n, reuse_actors=True,
                                         max_concurrent_trials=args.max_concurrent),
             run_config=tune.RunConfig(
                 name=v["experiment"], storage_path=v["storage"], verbose=args.verbose,
@@ -235,8 +269,10 @@ def sweep(v: dict[str, Any], args: argparse.Namespace) -> tuple[Tracker, dict[st
     trial_ids = {r.metrics.get("trial_id") for r in grid if r.metrics}
     trial_ids |= {t.trial_id for t in getattr(getattr(grid, "_experiment_analysis", None), "trials", [])}
     closed = tracker.reconcile(v["experiment"], trial_ids)
-    log.warning("sweep %s: %d trials, %d failed; %d stale MLflow runs closed", v["experiment"], len(grid), errors,
-                closed)
+    v["stopped"] = len(tracker.find_runs(f"tags.`{TAG_ROLE}` = 'trial'", f"tags.`{TAG_SWEEP}` = '{v['experiment']}'",
+                                         "tags.`stopped_early` = 'true'"))
+    log.warning("sweep %s: %d trials, %d failed, %d stopped early; %d stale MLflow runs closed", v["experiment"],
+                len(grid), errors, v["stopped"], closed)
     from tune.report import log_task_summary
 
     failed: dict[str, str] = {}
@@ -336,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
                         seeds=seeds, latency_device=args.latency_device,
                         registry_suffix=SMOKE_REGISTRY_SUFFIX if args.smoke_test else "")
     print(format_table(rows))
+    if v.get("stopped"):
+        print(f"\n{v['stopped']} trials were stopped early by the scheduler (tag stopped_early; docs/SCHEDULER.md)")
     print(f"\nsweep {v['experiment']} ({v['scale']} sizes) took {time.perf_counter() - t0:.0f} s; "
           f"selection: {v['out'] / 'selection' / 'selection.json'}; MLflow: {v['uri']}")
     if failed:

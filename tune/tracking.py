@@ -293,6 +293,15 @@ class Tracker:
             self._retry(lambda: self.log_model(run_id, model_dir), "log model")
         self._retry(lambda: self.client.set_terminated(run_id, status="FINISHED"), "finish run")
 
+    def end_stopped(self, run_id: str) -> None:
+        """End the run of a trial that Tune stopped (early stopping, or the sweep stopping): KILLED, not FAILED;
+        its epochs stay logged. A resumed trial reopens it."""
+        try:
+            self._flush_epochs(run_id)  # the epochs it trained stay visible
+            self._retry(lambda: self.client.set_terminated(run_id, status="KILLED"), "end stopped run")
+        except Exception as e:  # noqa: BLE001 - reconcile closes it after the sweep
+            log.warning("could not end stopped run %s: %s", run_id, e)
+
     def fail_trial(self, run_id: str, error: BaseException) -> None:
         try:
             self._flush_epochs(run_id)  # the epochs it trained stay visible
@@ -326,6 +335,9 @@ class Tracker:
         for r in self.find_runs(f"tags.`{TAG_ROLE}` = 'trial'", f"tags.`{TAG_SWEEP}` = '{sweep}'"):
             if r.info.status in ("RUNNING", "SCHEDULED"):
                 run_id = r.info.run_id
+                if r.data.tags.get("stopped_early") == "true":  # stopped by tune.scheduler; its worker went first
+                    self._retry(lambda: self.client.set_terminated(run_id, status="KILLED"), "close stopped run")
+                    continue
                 if r.data.tags.get(TAG_TRIAL) not in trial_ids:
                     self.tag(run_id, "orphaned", "its Ray trial was lost with the driver; the search went on under "
                              "another trial id")

@@ -79,6 +79,9 @@ def trial_fn(config: dict[str, Any], fixed: dict[str, Any]) -> None:
     try:
         result = run(cfg, on_epoch=on_epoch)
         tracker.finish_trial(run_id, result, result.get("model_path"))
+    except SystemExit:  # Tune stopped the trial at a report (tune.scheduler, or the sweep ending): not a failure
+        tracker.end_stopped(run_id)
+        raise
     except BaseException as e:
         tracker.fail_trial(run_id, e)
         raise
