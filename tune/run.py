@@ -344,15 +344,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check_eval_splits(v: dict[str, Any]) -> list[str]:
-    """Each task's evaluation set must split into a selection and a report part (tasks.split_eval)."""
-    from tasks import TaskError, check_split_size, eval_size, get_task
+    """Each task's evaluation set must split into a selection and a report part (tasks.split_eval): the parts
+    the split makes of the eval subset the trials will get (same seed, sizes and data)."""
+    from finegates.config import TrainConfig
+    from tasks import TaskError, check_split_size, eval_labels, get_task
 
     problems = []
     for t in v["tasks"]:
+        cfg = TrainConfig(task=t, **v["train"])
         try:
-            n_eval = eval_size(get_task(t), v["train"]["data_dir"], v["train"].get("max_eval"))
-            if n_eval is not None:
-                check_split_size(get_task(t), n_eval, v["train"]["report_frac"])
+            labels = eval_labels(get_task(t), cfg.data_dir, cfg.max_train, cfg.max_eval, cfg.subset_seed)
+            if labels is not None:
+                check_split_size(get_task(t), labels, cfg.report_frac)
         except TaskError as e:
             problems.append(str(e))
     return problems
