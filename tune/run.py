@@ -233,6 +233,7 @@ def sweep(v: dict[str, Any], args: argparse.Namespace) -> tuple[Tracker, dict[st
     errors = sum(1 for r in grid if r.error is not None)
     trial_ids = {r.metrics.get("trial_id") for r in grid if r.metrics}
     trial_ids |= {t.trial_id for t in getattr(getattr(grid, "_experiment_analysis", None), "trials", [])}
+    v["trial_ids"] = trial_ids  # for the reconcile after the seed re-runs (main)
     closed = tracker.reconcile(v["experiment"], trial_ids)
     log.warning("sweep %s: %d trials, %d failed; %d stale MLflow runs closed", v["experiment"], len(grid), errors,
                 closed)
@@ -333,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
                         args.select_by, sweep=v["experiment"], rule=args.rule, data_dir=v["train"]["data_dir"],
                         seeds=seeds, latency_device=args.latency_device,
                         registry_suffix=SMOKE_REGISTRY_SUFFIX if args.smoke_test else "")
+    if seeds is not None:  # a re-run whose worker died is left RUNNING: close it
+        tracker.reconcile(v["experiment"], v["trial_ids"])
     print(format_table(rows))
     print(f"\nsweep {v['experiment']} ({v['scale']} sizes) took {time.perf_counter() - t0:.0f} s; "
           f"selection: {v['out'] / 'selection' / 'selection.json'}; MLflow: {v['uri']}")

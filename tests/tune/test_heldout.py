@@ -148,3 +148,23 @@ def test_a_seed_rerun_keeps_predictions_and_no_model(glue_dir, tmp_path, tracker
     assert len(rerun) == 1 and rerun[0].info.status == "FINISHED"
     assert rerun[0].data.tags["mlflow.parentRunId"] == run_id and not rerun[0].data.tags.get("model_uri")
     assert {a.path for a in tracker.client.list_artifacts(rerun[0].info.run_id)} == {"eval_predictions.npz"}
+
+
+def test_reconcile_closes_seed_reruns_a_dead_worker_left_running(glue_dir, tracker):
+    """A re-run whose worker died stays RUNNING (tune.trial.seed_rerun never reached fail_trial): reconcile, which
+    tune.run calls again after the re-runs, closes it as FAILED; finished re-runs and other sweeps are untouched."""
+    cfg = small_config(glue_dir)
+    trial = trial_run(tracker, cfg, recorded(cfg, 40))
+    dead = tracker.rerun_run(SWEEP, trial, "rte", cfg.method, 4)
+    done = tracker.rerun_run(SWEEP, trial, "rte", cfg.method, 5)
+    tracker.finish_trial(done, recorded(cfg, 40), None)
+    other_parent = tracker.parent_run("other-sweep", "rte")
+    other_trial = tracker.trial_run("other-sweep", other_parent, "t9", "rte", cfg.method, {})
+    other = tracker.rerun_run("other-sweep", other_trial, "rte", cfg.method, 4)
+
+    assert tracker.reconcile(SWEEP, {"t1"}) == 1
+    status = lambda r: tracker.client.get_run(r).info.status  # noqa: E731
+    assert status(dead) == "FAILED" and "seed-rerun" in tracker.client.get_run(dead).data.tags["error"]
+    assert status(done) == "FINISHED" and status(trial) == "FINISHED"
+    assert status(other) == "RUNNING" and status(other_trial) == "RUNNING"
+    assert tracker.reconcile(SWEEP, {"t1"}) == 0
