@@ -354,8 +354,17 @@ def select_sweep(tracker: Tracker, tasks: list[str], budgets: list[float], out_d
         if not points:
             log.warning("task %s has no finished trial: nothing to select", task)
             continue
+        compared, note = latency, ""
+        devices = sorted({p.info["run"].data.tags.get("latency_device") or "unknown" for p in points})
+        if latency == "latency_ms" and len(devices) > 1:  # a CPU-only worker's ms vs a GPU's: not comparable
+            compared = "cpu_latency_ms"
+            note = (f"trials timed on different devices ({', '.join(devices)}): latencies compared on the CPU "
+                    "(cpu_latency_ms, which every trial has)")
+            log.warning("task %s: %s", task, note)
+            points = [p for p in tracker.trial_points(task, sweep, compared)
+                      if np.isfinite(p.score) and np.isfinite(p.sparsity)]
         rows += _select_task(tracker, task, points, budgets, out_dir, mode, select_by, sweep, do_register, rule,
-                             n_resamples, seed, data_dir, seeds, registry_suffix)
+                             n_resamples, seed, data_dir, seeds, registry_suffix, compared, note)
     tmp = out_dir / ".selection.json.tmp"
     tmp.write_text(json.dumps(rows, indent=2, default=str))
     os.replace(tmp, out_dir / "selection.json")
@@ -365,7 +374,7 @@ def select_sweep(tracker: Tracker, tasks: list[str], budgets: list[float], out_d
 def _select_task(tracker: Tracker, task: str, points: list[Point], budgets: list[float], out_dir: Path, mode: str,
                  select_by: str, sweep: str | None, do_register: bool, rule: str, n_resamples: int,
                  seed: int, data_dir: str | None = None, seeds: SeedReruns | None = None,
-                 suffix: str = "") -> list[dict[str, Any]]:
+                 suffix: str = "", latency: str = "latency_ms", latency_note: str = "") -> list[dict[str, Any]]:
     from tasks import get_task
 
     spec = get_task(task)
@@ -376,7 +385,7 @@ def _select_task(tracker: Tracker, task: str, points: list[Point], budgets: list
     ref = reference_point(points)
     excluded = {p.id for p in points if not ev.guard(p.id).learned}
     diffs = {p.id: ev.difference(p.id, ref.id) for p in points}
-    applied, notes = rule, []
+    applied, notes = rule, [latency_note] if latency_note else []
     if rule == "paired" and ref.id not in ev.preds:
         applied = "plain"
         notes.append("the reference trial has no eval predictions: the plain rule was applied")
@@ -392,7 +401,8 @@ def _select_task(tracker: Tracker, task: str, points: list[Point], budgets: list
         dest.parent.mkdir(parents=True, exist_ok=True)
         sel_file = dest.parent / f"budget-{b:g}.selection.json"
         record: dict[str, Any] = {
-            "task": task, "budget": b, "budget_mode": mode, "select_by": select_by, "selection_rule": rule,
+            "task": task, "budget": b, "budget_mode": mode, "select_by": select_by, "latency_compared": latency,
+            "selection_rule": rule,
             "rule_applied": applied if status == LEARNED else None, "task_status": status,
             "reference_score": ref.score, "reference_score_ci": _ci(ev.interval(ref.id)), "reference_run_id": ref.id,
             "trivial_score": guard.trivial, "guard": {"run_id": guard_point.id, **guard.to_dict()},
