@@ -10,7 +10,8 @@ selection score.
 "Once": the first evaluation logs ``report_score`` (with its 95% bootstrap interval and the number of
 examples) on the pick's MLflow run and its predictions as the artifact ``report_predictions.npz``; a
 later selection that picks the same trial reads them back instead of evaluating again. Trials that are
-never picked are never evaluated on the report part.
+never picked are never evaluated on the report part. The split is rebuilt where the selector runs: it is
+scored only when it is the trial's (:func:`split_mismatch`), else the row gets a note saying why not.
 """
 from __future__ import annotations
 

@@ -605,7 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-mode", default="relative", choices=BUDGET_MODES)
     p.add_argument("--select-by", default="sparsity", choices=SELECT_BY)
     p.add_argument("--latency-device", default="trial", choices=LATENCY_DEVICES,
-                   help="latency compared by --select-by latency: the trial's device (GPU bf16 when it had one) or cpu")
+                   help="latency compared by --select-by latency: the trial's device (its GPU in bf16, or fp16, when it "
+                        "had one; the CPU for a task whose trials were timed on different devices) or cpu")
     p.add_argument("--rule", default="paired", choices=RULES,
                    help="eligibility: paired = the 95%% paired bootstrap CI of (trial - reference) shows the loss "
                         "is within budget; plain = the point score is within budget (docs/SELECTION.md)")
