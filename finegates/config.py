@@ -78,6 +78,7 @@ class TrainConfig:
     precision: str = "auto"
     # export and timing
     output_dir: str | None = None
+    save_model: bool = True  # write the exported model to output_dir/model (False: result and predictions only)
     latency_batch: int = 8
     latency_length: int = 128
     latency_repeats: int = 10
@@ -147,6 +148,8 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
                 raise bad(name, v, "an integer >= 0")
+        if not isinstance(self.save_model, bool):
+            raise bad("save_model", self.save_model, "true or false")
         if self.precision not in PRECISIONS:
             raise bad("precision", self.precision, ", ".join(PRECISIONS))
 

@@ -90,15 +90,23 @@ def gpu_timing_lock(path: str = GPU_TIMING_LOCK):
         yield
 
 
+def gpu_half_precision(bf16_supported: bool) -> tuple[str, torch.dtype]:
+    """The half-precision autocast a GPU is timed in: bf16 where the GPU supports it, else fp16 (e.g. a V100
+    or a T4), with the name its metrics and ``latency_device`` carry."""
+    return ("bf16", torch.bfloat16) if bf16_supported else ("fp16", torch.float16)
+
+
 def measure_latency(dense: nn.Module, exported: nn.Module, *, batch: int, length: int, repeats: int, seed: int = 0,
                     threads: int | None = None, gpu: bool | None = None) -> dict[str, object]:
     """Latency of the exported model against the dense one where the trial runs.
 
     Always on the CPU (fp32): ``cpu_latency_ms``, ``cpu_dense_latency_ms``, ``cpu_speedup`` (+ quartiles).
-    With a GPU also there, fp32 and bf16 autocast, under :func:`gpu_timing_lock`: ``gpu_fp32_*`` and
-    ``gpu_bf16_*``. ``latency_ms``, ``dense_latency_ms``, ``speedup`` (+ quartiles) are those of the trial's
-    device (GPU bf16 when there is a GPU), and ``latency_device`` says which; on a CPU-only machine
-    ``latency_note`` says that only the CPU was timed. Both models are moved back to the CPU.
+    With a GPU also there, fp32 and half-precision autocast, under :func:`gpu_timing_lock`: ``gpu_fp32_*`` and
+    ``gpu_bf16_*`` (``gpu_fp16_*`` on a GPU without bf16, :func:`gpu_half_precision`, and ``latency_note``
+    says so). ``latency_ms``, ``dense_latency_ms``, ``speedup`` (+ quartiles) are those of the trial's device
+    (GPU half precision when there is a GPU), and ``latency_device`` says which (``cuda-bf16 (<name>)`` or
+    ``cuda-fp16 (<name>)``); on a CPU-only machine ``latency_note`` says that only the CPU was timed. Both
+    models are moved back to the CPU.
     """
     gpu = torch.cuda.is_available() if gpu is None else gpu
     inputs = make_inputs(batch, length, exported.config.vocab_size, seed=seed)
@@ -110,13 +118,17 @@ def measure_latency(dense: nn.Module, exported: nn.Module, *, batch: int, length
         return out | cpu | {"latency_device": "cpu", "latency_note": "no GPU on this worker: CPU latency only"}
     dev = torch.device("cuda")
     inputs = {k: v.to(dev) for k, v in inputs.items()}
+    half, half_dtype = gpu_half_precision(torch.cuda.is_bf16_supported())
     try:
         with gpu_timing_lock():
             models = {"dense": dense.to(dev), "exported": exported.to(dev)}
-            for name, amp in (("fp32", None), ("bf16", torch.bfloat16)):
+            for name, amp in (("fp32", None), (half, half_dtype)):
                 t = time_samples(models, inputs, repeats=max(repeats, 20), warmup=3, autocast=amp)
                 out |= {f"gpu_{name}_{k}": v for k, v in speedup_stats(t["dense"], t["exported"]).items()}
     finally:
         dense.cpu()
         exported.cpu()
-    return out | {k: out[f"gpu_bf16_{k}"] for k in cpu} | {"latency_device": f"cuda-bf16 ({torch.cuda.get_device_name()})"}
+    out |= {k: out[f"gpu_{half}_{k}"] for k in cpu} | {"latency_device": f"cuda-{half} ({torch.cuda.get_device_name()})"}
+    if half != "bf16":
+        out["latency_note"] = f"this GPU has no bf16: timed in {half} autocast (gpu_{half}_*)"
+    return out

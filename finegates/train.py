@@ -311,9 +311,12 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool 
     result.setdefault("gate_sparsity", 0.0)  # methods without gates
     if cfg.output_dir:
         out = Path(cfg.output_dir).resolve()
-        save_compressed(compressed, out / "model", tokenizer, extra={k: result[k] for k in
-                        ("task", "method", "score", "sparsity", "validation_source")} | {"config": cfg.to_dict()})
-        result["model_path"] = str(out / "model")
+        result["model_path"] = None
+        if cfg.save_model:
+            save_compressed(compressed, out / "model", tokenizer, extra={k: result[k] for k in
+                            ("task", "method", "score", "sparsity", "validation_source")} | {"config": cfg.to_dict()})
+            result["model_path"] = str(out / "model")
+        out.mkdir(parents=True, exist_ok=True)
         # the exported model's eval predictions, in eval order: for bootstrap intervals and paired comparisons
         np.savez(out / "eval_predictions.npz", predictions=preds, labels=labels)
         result["predictions_path"] = str(out / "eval_predictions.npz")

@@ -172,62 +172,104 @@ def tokenize_frame(task: TaskSpec, df: pd.DataFrame, tokenizer, max_length: int)
     return [{**{k: enc[k][i] for k in keys}, "labels": labels[i].item()} for i in range(len(df))]
 
 
-def split_eval(task: TaskSpec, labels: np.ndarray, report_frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded, stratified split of evaluation positions ``0..n-1`` into (selection, report), both sorted.
-
-    Strata: the classes (classification) or the quintiles of the target (regression); each stratum gives
-    ``round(report_frac * size)`` seeded positions to the report part. The same labels, fraction and seed
-    always give the same split (a resumed sweep sees the same parts). Raises :class:`TaskError` when
-    either part would hold fewer than ``MIN_EVAL_PART`` examples.
-    """
-    labels = np.asarray(labels)
-    n = len(labels)
-    if not 0 < report_frac < 1:
-        raise TaskError(f"report fraction {report_frac!r} is invalid; accepted: a number in (0, 1)")
-    check_split_size(task, n, report_frac)
+def _strata(task: TaskSpec, labels: np.ndarray) -> np.ndarray:
+    """The strata of the split: the classes, or the quintiles of a regression target."""
     if task.is_regression:
         edges = np.quantile(labels.astype(float), [0.2, 0.4, 0.6, 0.8])
-        strata = np.digitize(labels.astype(float), edges)
-    else:
-        strata = labels
+        return np.digitize(labels.astype(float), edges)
+    return labels
+
+
+def _split(task: TaskSpec, labels: np.ndarray, report_frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The split itself, unchecked: ``round(report_frac * size)`` seeded positions of each stratum to the report part."""
+    if not 0 < report_frac < 1:
+        raise TaskError(f"report fraction {report_frac!r} is invalid; accepted: a number in (0, 1)")
+    strata = _strata(task, labels)
     rng = np.random.default_rng([int(seed), _SPLIT_STREAM])
     report: list[np.ndarray] = []
     for s in np.unique(strata):
         idx = np.flatnonzero(strata == s)
         report.append(rng.permutation(idx)[: int(round(report_frac * len(idx)))])
     rep = np.sort(np.concatenate(report)) if report else np.zeros(0, dtype=int)
-    sel = np.setdiff1d(np.arange(n), rep)
+    return np.setdiff1d(np.arange(len(labels)), rep), rep
+
+
+def split_eval(task: TaskSpec, labels: np.ndarray, report_frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded, stratified split of evaluation positions ``0..n-1`` into (selection, report), both sorted.
+
+    Strata: the classes (classification) or the quintiles of the target (regression); each stratum gives
+    ``round(report_frac * size)`` seeded positions to the report part. The same labels, fraction and seed
+    always give the same split (a resumed sweep sees the same parts). Raises :class:`TaskError` when the
+    parts it makes are too small (:func:`check_split_size`).
+    """
+    labels = np.asarray(labels)
+    sel, rep = _split(task, labels, report_frac, seed)
+    _check_parts(task, labels, report_frac, sel, rep)
     return sel, rep
 
 
-def check_split_size(task: TaskSpec, n_eval: int, report_frac: float) -> None:
-    """One-line :class:`TaskError` when an evaluation set of ``n_eval`` examples is too small to split."""
-    k = int(round(report_frac * n_eval))
-    if min(k, n_eval - k) < MIN_EVAL_PART:
-        raise TaskError(f"task {task.name!r}: its evaluation set of {n_eval} examples is too small to split at report "
-                        f"fraction {report_frac:g} ({n_eval - k} selection / {k} report); accepted: each part "
-                        f">= {MIN_EVAL_PART} examples (raise --max-eval or change --report-frac)")
+def check_split_size(task: TaskSpec, labels: np.ndarray, report_frac: float) -> None:
+    """One-line :class:`TaskError` when the evaluation set with these ``labels`` is too small to split: the
+    sizes checked are those of the parts :func:`split_eval` makes (per-stratum rounding included; they do
+    not depend on the seed). Each part needs ``MIN_EVAL_PART`` examples and, for a classification task,
+    at least one example of every class the evaluation set holds."""
+    labels = np.asarray(labels)
+    _check_parts(task, labels, report_frac, *_split(task, labels, report_frac, 0))
 
 
-def eval_size(task: TaskSpec, data_dir: str | os.PathLike | None, max_eval: int | None) -> int | None:
-    """How many evaluation examples a run of ``task`` gets (from the Parquet metadata, without reading the
-    data); None when the data comes from the hub."""
+def _check_parts(task: TaskSpec, labels: np.ndarray, report_frac: float, sel: np.ndarray, rep: np.ndarray) -> None:
+    n = len(labels)
+    if min(len(sel), len(rep)) < MIN_EVAL_PART:
+        raise TaskError(f"task {task.name!r}: its evaluation set of {n} examples is too small to split at report "
+                        f"fraction {report_frac:g} ({len(sel)} selection / {len(rep)} report); accepted: each part >= "
+                        f"{MIN_EVAL_PART} examples (raise --max-eval or change --report-frac)")
+    if task.is_regression:
+        return
+    for part, idx in (("selection", sel), ("report", rep)):
+        missing = np.setdiff1d(np.unique(labels), labels[idx])
+        if missing.size:
+            c = int(missing[0])
+            name = task.label_names[c] if 0 <= c < len(task.label_names) else str(c)
+            raise TaskError(f"task {task.name!r}: its evaluation set of {n} examples has {int((labels == c).sum())} "
+                            f"of class {name!r}, none of them in the {part} part at report fraction {report_frac:g}; "
+                            "accepted: every class in both parts (raise --max-eval or change --report-frac)")
+
+
+def eval_labels(task: TaskSpec, data_dir: str | os.PathLike | None, max_train: int | None, max_eval: int | None,
+                seed: int) -> np.ndarray | None:
+    """The labels of the evaluation set a run of ``task`` gets (the same seeded subset as
+    :func:`select_frames`), reading only the label column; None when the data comes from the hub."""
     root = resolve_data_dir(data_dir)
     if root is None:
         return None
     import pyarrow.parquet as pq
 
-    def rows(split: str) -> int:
+    def read(split: str, rows_only: bool = False):
         path = root / task.name / f"{split}.parquet"
         try:
-            return pq.read_metadata(path).num_rows
+            return pq.read_metadata(path).num_rows if rows_only else \
+                pq.read_table(path, columns=["label"]).column("label").to_numpy(zero_copy_only=False)
         except Exception as e:  # noqa: BLE001 - a missing or truncated file: one line
             raise TaskError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
 
-    if has_split(task, task.validation_split, root):
-        n = rows(task.validation_split)
-        return n if max_eval is None else min(n, max_eval)
-    return min(max_eval or DEFAULT_HOLDOUT, rows(task.train_split) // 5)
+    has_val = has_split(task, task.validation_split, root)
+    n_val = read(task.validation_split, rows_only=True) if has_val else None
+    _, eval_idx, _ = _draw(read(task.train_split, rows_only=True), n_val, max_train, max_eval, seed)
+    return read(task.validation_split if has_val else task.train_split)[eval_idx]
+
+
+def _draw(n_train: int, n_val: int | None, max_train: int | None, max_eval: int | None,
+          seed: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """The seeded train and eval positions and the validation source: from the validation split of
+    ``n_val`` rows, or (``n_val`` None) a hold-out of the train split."""
+    rng = np.random.default_rng(seed)
+    if n_val is not None:
+        train_idx = _subset(n_train, max_train, rng)
+        return train_idx, _subset(n_val, max_eval, rng), "validation"
+    n_hold = min(max_eval or DEFAULT_HOLDOUT, n_train // 5)
+    perm = rng.permutation(n_train)
+    eval_idx, rest = np.sort(perm[:n_hold]), perm[n_hold:]
+    return np.sort(rest if max_train is None else rest[: max_train]), eval_idx, "train-holdout"
 
 
 def select_frames(task: TaskSpec, *, data_dir: str | os.PathLike | None = None, max_train: int | None = None,
@@ -239,23 +281,17 @@ def select_frames(task: TaskSpec, *, data_dir: str | os.PathLike | None = None, 
     subset, or its ``selection`` / ``report`` part (:func:`split_eval`, seeded by ``seed``)."""
     if eval_part not in EVAL_PARTS:
         raise TaskError(f"eval part {eval_part!r} is invalid; accepted: {', '.join(EVAL_PARTS)}")
-    rng = np.random.default_rng(seed)
     train_df = load_split(task, task.train_split, data_dir)
     eval_split = task.validation_split
-    source = "validation"
     if has_split(task, eval_split, data_dir):
         eval_df = load_split(task, eval_split, data_dir)
-        train_idx = _subset(len(train_df), max_train, rng)
-        eval_idx = _subset(len(eval_df), max_eval, rng)
+        train_idx, eval_idx, source = _draw(len(train_df), len(eval_df), max_train, max_eval, seed)
     elif holdout_missing_validation:
-        n_hold = min(max_eval or DEFAULT_HOLDOUT, len(train_df) // 5)
-        perm = rng.permutation(len(train_df))
-        eval_idx, rest = np.sort(perm[:n_hold]), perm[n_hold:]
-        train_idx = np.sort(rest if max_train is None else rest[: max_train])
+        train_idx, eval_idx, source = _draw(len(train_df), None, max_train, max_eval, seed)
         eval_df = train_df
-        source = "train-holdout"
         log.warning("task %s has no %r split in %s: holding out %d seeded train rows as validation "
-                    "(validation_source=train-holdout)", task.name, eval_split, resolve_data_dir(data_dir), n_hold)
+                    "(validation_source=train-holdout)", task.name, eval_split, resolve_data_dir(data_dir),
+                    len(eval_idx))
     else:
         load_split(task, eval_split, data_dir)  # raises the clear error
         raise AssertionError("unreachable")

@@ -10,7 +10,8 @@ selection score.
 "Once": the first evaluation logs ``report_score`` (with its 95% bootstrap interval and the number of
 examples) on the pick's MLflow run and its predictions as the artifact ``report_predictions.npz``; a
 later selection that picks the same trial reads them back instead of evaluating again. Trials that are
-never picked are never evaluated on the report part.
+never picked are never evaluated on the report part. The split is rebuilt where the selector runs: it is
+scored only when it is the trial's (:func:`split_mismatch`), else the row gets a note saying why not.
 """
 from __future__ import annotations
 
@@ -80,6 +81,10 @@ def report_score(tracker: Tracker, run, task: "TaskSpec", model_dir: str | os.Pa
     from finegates.train import evaluate_checkpoint
 
     try:
+        mismatch = split_mismatch(run, cfg, task)
+        if mismatch:
+            return Report(None, note=f"report part not scored: the split rebuilt here is not the trial's ({mismatch}); "
+                                     "give tune.select --data-dir with the sweep's data")
         preds, labels = evaluate_checkpoint(model_dir, cfg, "report")
     except Exception as e:  # noqa: BLE001 - no data here, hub offline, ...: the selection itself stands
         first = str(e).splitlines()[0][:200] if str(e) else ""
@@ -90,6 +95,33 @@ def report_score(tracker: Tracker, run, task: "TaskSpec", model_dir: str | os.Pa
     rep = Report(ci.estimate, (ci.low, ci.high), int(labels.size), computed_now=True)
     _log(tracker, run.info.run_id, rep, preds, labels)
     return rep
+
+
+def split_mismatch(run, cfg: "TrainConfig", task: "TaskSpec") -> str:
+    """Why the evaluation split rebuilt here from ``cfg`` (the trial's ``train_config`` tag, with this
+    machine's data dir) is not the one the trial was evaluated on; empty when it is. Checked: the tag's
+    data seed, eval part and report fraction against the run's params, then the rebuilt selection part
+    against the trial's ``validation_source`` tag and ``n_eval`` metric (other data here: another file,
+    QQP with a validation split where the trial held out train rows, ...)."""
+    from tasks.data import select_frames
+
+    params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
+    problems = []
+    for name, value in (("data_seed", cfg.data_seed), ("eval_part", cfg.eval_part), ("report_frac", cfg.report_frac)):
+        recorded = params.get(name)
+        if recorded is not None and recorded != ("none" if value is None else str(value)):
+            problems.append(f"{name} {value} in its {TAG_CONFIG} tag vs {recorded} in its params")
+    if problems:
+        return "; ".join(problems)
+    _, sel, source, _ = select_frames(task, data_dir=cfg.data_dir, max_train=cfg.max_train, max_eval=cfg.max_eval,
+                                      seed=cfg.subset_seed, eval_part="selection", report_frac=cfg.report_frac)
+    if tags.get("validation_source") and tags["validation_source"] != source:
+        problems.append(f"validation source {source} here vs {tags['validation_source']} in the trial")
+    if "n_eval" not in metrics:
+        problems.append("the trial recorded no n_eval")
+    elif int(metrics["n_eval"]) != len(sel):
+        problems.append(f"{len(sel)} selection examples here vs n_eval {int(metrics['n_eval'])} in the trial")
+    return "; ".join(problems)
 
 
 def _log(tracker: Tracker, run_id: str, rep: Report, preds: np.ndarray, labels: np.ndarray) -> None:
@@ -117,4 +149,4 @@ def within(rep: Report, selection_ci: list[float] | None) -> bool | None:
     return bool(selection_ci[0] <= rep.score <= selection_ci[1])
 
 
-__all__ = ["REPORT_ARTIFACT", "Report", "TAG_CONFIG", "report_score", "trial_config", "within"]
+__all__ = ["REPORT_ARTIFACT", "Report", "TAG_CONFIG", "report_score", "split_mismatch", "trial_config", "within"]

@@ -268,6 +268,7 @@ def sweep(v: dict[str, Any], args: argparse.Namespace) -> tuple[Tracker, dict[st
     errors = sum(1 for r in grid if r.error is not None)
     trial_ids = {r.metrics.get("trial_id") for r in grid if r.metrics}
     trial_ids |= {t.trial_id for t in getattr(getattr(grid, "_experiment_analysis", None), "trials", [])}
+    v["trial_ids"] = trial_ids  # for the reconcile after the seed re-runs (main)
     closed = tracker.reconcile(v["experiment"], trial_ids)
     v["stopped"] = len(tracker.find_runs(f"tags.`{TAG_ROLE}` = 'trial'", f"tags.`{TAG_SWEEP}` = '{v['experiment']}'",
                                          "tags.`stopped_early` = 'true'"))
@@ -371,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
                         args.select_by, sweep=v["experiment"], rule=args.rule, data_dir=v["train"]["data_dir"],
                         seeds=seeds, latency_device=args.latency_device,
                         registry_suffix=SMOKE_REGISTRY_SUFFIX if args.smoke_test else "")
+    if seeds is not None:  # a re-run whose worker died is left RUNNING: close it
+        tracker.reconcile(v["experiment"], v["trial_ids"])
     print(format_table(rows))
     if v.get("stopped"):
         print(f"\n{v['stopped']} trials were stopped early by the scheduler (tag stopped_early; docs/SCHEDULER.md)")
@@ -384,15 +387,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check_eval_splits(v: dict[str, Any]) -> list[str]:
-    """Each task's evaluation set must split into a selection and a report part (tasks.split_eval)."""
-    from tasks import TaskError, check_split_size, eval_size, get_task
+    """Each task's evaluation set must split into a selection and a report part (tasks.split_eval): the parts
+    the split makes of the eval subset the trials will get (same seed, sizes and data)."""
+    from finegates.config import TrainConfig
+    from tasks import TaskError, check_split_size, eval_labels, get_task
 
     problems = []
     for t in v["tasks"]:
+        cfg = TrainConfig(task=t, **v["train"])
         try:
-            n_eval = eval_size(get_task(t), v["train"]["data_dir"], v["train"].get("max_eval"))
-            if n_eval is not None:
-                check_split_size(get_task(t), n_eval, v["train"]["report_frac"])
+            labels = eval_labels(get_task(t), cfg.data_dir, cfg.max_train, cfg.max_eval, cfg.subset_seed)
+            if labels is not None:
+                check_split_size(get_task(t), labels, cfg.report_frac)
         except TaskError as e:
             problems.append(str(e))
     return problems

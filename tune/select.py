@@ -355,8 +355,17 @@ def select_sweep(tracker: Tracker, tasks: list[str], budgets: list[float], out_d
         if not points:
             log.warning("task %s has no finished trial: nothing to select", task)
             continue
+        compared, note = latency, ""
+        devices = sorted({p.info["run"].data.tags.get("latency_device") or "unknown" for p in points})
+        if latency == "latency_ms" and len(devices) > 1:  # a CPU-only worker's ms vs a GPU's: not comparable
+            compared = "cpu_latency_ms"
+            note = (f"trials timed on different devices ({', '.join(devices)}): latencies compared on the CPU "
+                    "(cpu_latency_ms, which every trial has)")
+            log.warning("task %s: %s", task, note)
+            points = [p for p in tracker.trial_points(task, sweep, compared)
+                      if np.isfinite(p.score) and np.isfinite(p.sparsity)]
         rows += _select_task(tracker, task, points, budgets, out_dir, mode, select_by, sweep, do_register, rule,
-                             n_resamples, seed, data_dir, seeds, registry_suffix)
+                             n_resamples, seed, data_dir, seeds, registry_suffix, compared, note)
     tmp = out_dir / ".selection.json.tmp"
     tmp.write_text(json.dumps(rows, indent=2, default=str))
     os.replace(tmp, out_dir / "selection.json")
@@ -366,7 +375,7 @@ def select_sweep(tracker: Tracker, tasks: list[str], budgets: list[float], out_d
 def _select_task(tracker: Tracker, task: str, points: list[Point], budgets: list[float], out_dir: Path, mode: str,
                  select_by: str, sweep: str | None, do_register: bool, rule: str, n_resamples: int,
                  seed: int, data_dir: str | None = None, seeds: SeedReruns | None = None,
-                 suffix: str = "") -> list[dict[str, Any]]:
+                 suffix: str = "", latency: str = "latency_ms", latency_note: str = "") -> list[dict[str, Any]]:
     from tasks import get_task
 
     spec = get_task(task)
@@ -377,7 +386,7 @@ def _select_task(tracker: Tracker, task: str, points: list[Point], budgets: list
     ref = reference_point(points)
     excluded = {p.id for p in points if not ev.guard(p.id).learned}
     diffs = {p.id: ev.difference(p.id, ref.id) for p in points}
-    applied, notes = rule, []
+    applied, notes = rule, [latency_note] if latency_note else []
     if rule == "paired" and ref.id not in ev.preds:
         applied = "plain"
         notes.append("the reference trial has no eval predictions: the plain rule was applied")
@@ -393,7 +402,8 @@ def _select_task(tracker: Tracker, task: str, points: list[Point], budgets: list
         dest.parent.mkdir(parents=True, exist_ok=True)
         sel_file = dest.parent / f"budget-{b:g}.selection.json"
         record: dict[str, Any] = {
-            "task": task, "budget": b, "budget_mode": mode, "select_by": select_by, "selection_rule": rule,
+            "task": task, "budget": b, "budget_mode": mode, "select_by": select_by, "latency_compared": latency,
+            "selection_rule": rule,
             "rule_applied": applied if status == LEARNED else None, "task_status": status,
             "reference_score": ref.score, "reference_score_ci": _ci(ev.interval(ref.id)), "reference_run_id": ref.id,
             "trivial_score": guard.trivial, "guard": {"run_id": guard_point.id, **guard.to_dict()},
@@ -596,7 +606,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-mode", default="relative", choices=BUDGET_MODES)
     p.add_argument("--select-by", default="sparsity", choices=SELECT_BY)
     p.add_argument("--latency-device", default="trial", choices=LATENCY_DEVICES,
-                   help="latency compared by --select-by latency: the trial's device (GPU bf16 when it had one) or cpu")
+                   help="latency compared by --select-by latency: the trial's device (its GPU in bf16, or fp16, when it "
+                        "had one; the CPU for a task whose trials were timed on different devices) or cpu")
     p.add_argument("--rule", default="paired", choices=RULES,
                    help="eligibility: paired = the 95%% paired bootstrap CI of (trial - reference) shows the loss "
                         "is within budget; plain = the point score is within budget (docs/SELECTION.md)")

@@ -328,20 +328,24 @@ class Tracker:
         return info.model_uri
 
     def reconcile(self, sweep: str, trial_ids: set[str]) -> int:
-        """After a sweep: close trial runs that no Ray trial owns any more (their trial was lost with a
-        killed driver before Ray saved its state, and was rerun under another id) or that a dead
-        worker left RUNNING. Returns how many runs were closed as FAILED."""
+        """After a sweep (and after its seed re-runs): close trial runs that no Ray trial owns any more (their
+        trial was lost with a killed driver before Ray saved its state, and was rerun under another id) and
+        trial or seed re-run runs that a dead worker left RUNNING. Returns how many runs were closed as FAILED."""
+        from tune.seeds import ROLE_RERUN
+
         closed = 0
-        for r in self.find_runs(f"tags.`{TAG_ROLE}` = 'trial'", f"tags.`{TAG_SWEEP}` = '{sweep}'"):
-            if r.info.status in ("RUNNING", "SCHEDULED"):
+        for role in ("trial", ROLE_RERUN):
+            for r in self.find_runs(f"tags.`{TAG_ROLE}` = '{role}'", f"tags.`{TAG_SWEEP}` = '{sweep}'"):
+                if r.info.status not in ("RUNNING", "SCHEDULED"):
+                    continue
                 run_id = r.info.run_id
                 if r.data.tags.get("stopped_early") == "true":  # stopped by tune.scheduler; its worker went first
                     self._retry(lambda: self.client.set_terminated(run_id, status="KILLED"), "close stopped run")
                     continue
-                if r.data.tags.get(TAG_TRIAL) not in trial_ids:
+                if role == "trial" and r.data.tags.get(TAG_TRIAL) not in trial_ids:
                     self.tag(run_id, "orphaned", "its Ray trial was lost with the driver; the search went on under "
                              "another trial id")
-                self.tag(run_id, "error", "run left RUNNING when its trial ended")
+                self.tag(run_id, "error", f"run left RUNNING when its {role} ended")
                 self._retry(lambda: self.client.set_terminated(run_id, status="FAILED"), "close stale run")
                 closed += 1
         return closed

@@ -103,7 +103,7 @@ def seed_rerun(config_json: str, seed: int, trial_run_id: str, fixed: dict[str, 
     tracker = Tracker(fixed["mlflow_uri"], experiment_id=fixed["experiment_id"])
     cfg = TrainConfig.from_dict(json.loads(config_json))
     out = Path(fixed["models_dir"]) / cfg.task / "seed-reruns" / f"{trial_run_id}-seed{seed}"
-    cfg = dataclasses.replace(cfg, data_seed=cfg.subset_seed, seed=seed, output_dir=str(out))
+    cfg = dataclasses.replace(cfg, data_seed=cfg.subset_seed, seed=seed, output_dir=str(out), save_model=False)
     run_id = tracker.rerun_run(fixed["sweep"], trial_run_id, cfg.task, cfg.method, seed)
     try:
         result = run(cfg)

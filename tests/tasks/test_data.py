@@ -104,3 +104,54 @@ def test_eval_split_refuses_a_set_too_small_to_split():
 
     with pytest.raises(TaskError, match="too small to split at report fraction 0.5 .15 selection / 15 report"):
         split_eval(get_task("rte"), np.zeros(30, dtype=int), 0.5, seed=0)
+
+
+def test_the_size_check_agrees_with_the_parts_the_split_makes(glue_dir):
+    """CoLA, 66 evaluation examples (18 / 48: unbalanced), report fraction 0.3: 0.3 * 66 rounds to 20, but the
+    split rounds per class (0.3 * 18 -> 5, 0.3 * 48 -> 14) and makes a report part of 19. The check must say so."""
+    from tasks import check_split_size, eval_labels, split_eval
+
+    task = get_task("cola")
+    labels = eval_labels(task, glue_dir, 1000, 66, 1948)
+    assert len(labels) == 66 and np.bincount(labels).tolist() == [18, 48]
+    with pytest.raises(TaskError, match=r"66 examples is too small to split at report fraction 0.3 \(47 selection / "
+                                        r"19 report\)"):
+        check_split_size(task, labels, 0.3)
+    with pytest.raises(TaskError, match=r"\(47 selection / 19 report\)"):
+        split_eval(task, labels, 0.3, seed=1948)
+    # the labels are those of the eval subset a run gets (same seed and sizes), QQP's train hold-out included
+    from tasks.data import select_frames
+
+    for name, n in (("cola", 66), ("qqp", 300)):
+        _, eval_df, _, _ = select_frames(get_task(name), data_dir=glue_dir, max_train=1000, max_eval=n, seed=1948)
+        assert np.array_equal(eval_df["label"].to_numpy(), eval_labels(get_task(name), glue_dir, 1000, n, 1948))
+    # the check and the split agree on every size near the limit, whatever the seed of the split
+    for n in range(60, 75):
+        y = eval_labels(task, glue_dir, 1000, n, 1948)
+        for frac in (0.3, 0.5, 0.7):
+            try:
+                check_split_size(task, y, frac)
+                ok = True
+            except TaskError:
+                ok = False
+            for seed in (0, 5):
+                if ok:
+                    sel, rep = split_eval(task, y, frac, seed)
+                    assert min(len(sel), len(rep)) >= 20
+                else:
+                    with pytest.raises(TaskError):
+                        split_eval(task, y, frac, seed)
+
+
+def test_the_size_check_refuses_a_class_missing_from_a_part(glue_dir):
+    """61 real CoLA validation rows, one of them unacceptable (class 0): at report fraction 0.4 that class
+    rounds to no report example (round(0.4) = 0), though both parts are large enough."""
+    from tasks import check_split_size
+
+    task = get_task("cola")
+    y = load_split(task, "validation", glue_dir)["label"].to_numpy()
+    labels = np.concatenate([y[y == 1][:60], y[y == 0][:1]])
+    with pytest.raises(TaskError, match="has 1 of class 'unacceptable', none of them in the report part at report "
+                                        "fraction 0.4"):
+        check_split_size(task, labels, 0.4)
+    check_split_size(task, np.concatenate([y[y == 1][:60], y[y == 0][:3]]), 0.4)  # 1 of 3 in the report part

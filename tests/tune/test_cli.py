@@ -26,7 +26,7 @@ CASES = [
     (["--report-frac", "1.5"], "--report-frac 1.5 is out of range; accepted: a number in (0, 1)"),
     (["--report-frac", "0"], "--report-frac 0 is out of range"),
     (["--tasks", "rte", "--max-eval", "30"], "task 'rte': its evaluation set of 30 examples is too small to split at "
-                                              "report fraction 0.5 (15 selection / 15 report)"),
+                                              "report fraction 0.5 (16 selection / 14 report)"),
 ]
 
 

@@ -48,7 +48,7 @@ class Store:
         return self.parents[task]
 
     def trial(self, task, preds, labels, sparsity, latency_ms=10.0, reference=False, method="finegates",
-              save="both", record_trivial=True):
+              save="both", record_trivial=True, cpu_latency_ms=None, latency_device=None):
         """``save``: both (file + artifact), artifact (the file is gone), file, none (an older run)."""
         self.n += 1
         spec = get_task(task)
@@ -74,8 +74,12 @@ class Store:
                    "n_eval": float(len(labels))}
         if record_trivial:
             metrics["trivial_score"] = trivial_score(spec, labels)
+        if cpu_latency_ms is not None:
+            metrics["cpu_latency_ms"] = cpu_latency_ms
         tags = {"validation_source": "validation", "model_path": str(out / "model"),
                 "model_uri": f"runs:/{rid}/model"}
+        if latency_device is not None:
+            tags["latency_device"] = latency_device
         if save != "none":
             tags["predictions_path"] = str(preds_path)
         params = {"task": task, "method": method, "reference": str(reference),
@@ -320,3 +324,35 @@ def test_a_smoke_sweep_never_touches_a_real_sweeps_aliases(store, capsys, monkey
     assert store.client.get_model_version_by_alias("finegates-sst2-smoke", "budget-0_02").version == 1
     kept = store.client.get_model_version_by_alias("finegates-sst2", "budget-0_02")
     assert (str(kept.version), kept.run_id) == (str(real["model_version"]), real["chosen_run_id"])
+
+
+def test_latencies_timed_on_different_devices_are_compared_on_the_cpu(store):
+    """--select-by latency: a GPU worker's 2 ms beside a CPU worker's 20 ms says nothing about which model is
+    faster; every trial also has its CPU latency, and the selector compares those, with a note in the row."""
+    y = labelled(400)
+    good = right_on(y, 0.9)
+    gpu = "cuda-bf16 (NVIDIA H100 80GB HBM3)"
+    store.trial("sst2", good, y, 0.0, latency_ms=40.0, cpu_latency_ms=40.0, latency_device="cpu", reference=True)
+    on_gpu = store.trial("sst2", good, y, 0.5, latency_ms=2.0, cpu_latency_ms=30.0, latency_device=gpu)
+    on_cpu = store.trial("sst2", good, y, 0.4, latency_ms=20.0, cpu_latency_ms=20.0, latency_device="cpu")
+    [row] = store.select(["sst2"], [0.05], select_by="latency", do_register=False)
+    assert row["chosen_run_id"] == on_cpu and row["latency_compared"] == "cpu_latency_ms"
+    assert any("different devices (cpu, cuda-bf16 (NVIDIA H100 80GB HBM3)): latencies compared on the CPU" in n
+               for n in row["notes"])
+    assert {c["run_id"]: c["latency_ms"] for c in row["candidates"]}[on_gpu] == 30.0
+    # one device for every trial: its own latency is compared, without a note
+    [row] = store.select(["sst2"], [0.05], select_by="latency", do_register=False, latency_device="cpu")
+    assert row["chosen_run_id"] == on_cpu and row["latency_compared"] == "cpu_latency_ms"
+    assert not any("different devices" in n for n in row["notes"])
+
+
+def test_latencies_on_one_device_are_compared_as_they_are(store):
+    y = labelled(400)
+    good = right_on(y, 0.9)
+    gpu = "cuda-bf16 (NVIDIA H100 80GB HBM3)"
+    store.trial("sst2", good, y, 0.0, latency_ms=4.0, cpu_latency_ms=40.0, latency_device=gpu, reference=True)
+    fast = store.trial("sst2", good, y, 0.5, latency_ms=2.0, cpu_latency_ms=30.0, latency_device=gpu)
+    store.trial("sst2", good, y, 0.4, latency_ms=3.0, cpu_latency_ms=20.0, latency_device=gpu)
+    [row] = store.select(["sst2"], [0.05], select_by="latency", do_register=False)
+    assert row["chosen_run_id"] == fast and row["latency_compared"] == "latency_ms"
+    assert not any("different devices" in n for n in row["notes"])
