@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--budget-mode", default="relative", choices=["relative", "absolute"], help="default: relative")
     a("--select-by", default="sparsity", choices=["sparsity", "latency"], help="default: sparsity")
     a("--latency-device", default="trial", choices=["trial", "cpu"], help="latency compared by --select-by latency: "
-      "the trial's device (GPU bf16 when it had one; CPU otherwise) or the CPU (default: trial)")
+      "the trial's device (its GPU in bf16, fp16 where bf16 is unsupported, when it had one; CPU otherwise) or "
+      "the CPU (default: trial)")
     a("--rule", default="paired", choices=["paired", "plain"], help="selection rule: paired = the 95%% paired "
       "bootstrap interval of (trial - reference) must show the loss within budget; plain = point scores "
       "(docs/SELECTION.md; default: paired)")
