@@ -51,7 +51,8 @@ class MultiTaskOptunaSearch(Searcher):
         self.seed, self.n_startup_trials = seed, n_startup_trials
         self.suggested: dict[Key, int] = {k: 0 for k in self.keys}
         self.live: dict[str, tuple[Key, int | None, dict[str, Any]]] = {}  # trial_id -> (key, optuna number, params)
-        self._studies: dict[Key, optuna.Study] = {}  # opened on first use, never pickled
+        self._studies: dict[Key, optuna.Study] = {}  # opened on first use; neither is pickled
+        self._rdb: optuna.storages.BaseStorage | None = None
 
     def study(self, key: Key) -> optuna.Study:
         """The study of ``key``, created or loaded from the storage; RUNNING trials that no live trial
@@ -77,7 +78,7 @@ class MultiTaskOptunaSearch(Searcher):
         return study
 
     def _storage(self) -> optuna.storages.BaseStorage:
-        if getattr(self, "_rdb", None) is None:
+        if self._rdb is None:
             self._rdb = open_storage(self.storage)
         return self._rdb
 

@@ -62,7 +62,7 @@ def normalise(storage: str) -> str:
                            f"{ACCEPTED}") from None
     except ImportError as e:
         raise StorageError(f"--optuna-storage {_shown(url)!r}: its driver is not installed ({e}); install it "
-                           "(PostgreSQL: pip install psycopg2-binary) or use sqlite:///<path>") from None
+                           "or name an installed one (postgresql+psycopg2://...), or use sqlite:///<path>") from None
     if url.get_backend_name() == "sqlite":
         if url.database in (None, "", ":memory:") or url.database.startswith("file::memory:"):
             raise StorageError(f"--optuna-storage {storage!r} is an in-memory database: the studies would not "
