@@ -113,7 +113,8 @@ def fx(tmp_path_factory, glue_dir, minilm_dir):
     store = base / "store"
     store.mkdir()
     _selector_store(store)
-    return SimpleNamespace(glue=glue_dir, data=_data_variants(glue_dir, base / "data"),
+    studies = _optuna_store(base / "optuna")
+    return SimpleNamespace(studies=studies, glue=glue_dir, data=_data_variants(glue_dir, base / "data"),
                            model=_model_variants(Path(minilm_dir), base / "models"), file=a_file,
                            db_dir=base / "db-dir.db", port=port, store=store, store_uri=f"sqlite:///{store / 'mlflow.db'}")
 
@@ -130,6 +131,19 @@ def _selector_store(root: Path) -> None:
                                   "error": "TaskError: boom"})
     c.set_terminated(run.info.run_id, status="FAILED")
     c.create_experiment("nothing", artifact_location=(root / "artifacts2").as_uri())
+
+
+def _optuna_store(root: Path) -> str:
+    """A real Optuna SQLite storage where the smoke sweep's rte study already has one finished trial."""
+    import optuna
+    from optuna.trial import create_trial
+
+    root.mkdir()
+    url = f"sqlite:///{root / 'optuna.db'}"
+    study = optuna.create_study(storage=url, study_name="finegates-smoke/rte/finegates",
+                                directions=["maximize", "maximize"])
+    study.add_trial(create_trial(values=[0.6, 0.0]))
+    return url
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -250,6 +264,23 @@ CASES = [
     ("train-two-problems", "finegates.train", lambda f, t: TRAIN + ["--data-dir", f.data["truncated"], "--model",
                                                                     f.model["distilbert"]],
      ["task 'rte': cannot read", "model type 'distilbert'"], 2),
+    # --- tune.run: the Optuna storage (--optuna-storage; default optuna.db beside the MLflow SQLite store)
+    ("run-optuna-storage-not-a-url", "tune.run", lambda f, t: SWEEP + ["--optuna-storage", "optuna.db"],
+     ["--optuna-storage 'optuna.db' is not a database URL; accepted: sqlite:///<path of a database file> or "
+      "the SQLAlchemy URL of a database server"], 2),
+    ("run-optuna-storage-in-memory", "tune.run", lambda f, t: SWEEP + ["--optuna-storage", "sqlite://"],
+     ["--optuna-storage 'sqlite://' is an in-memory database: the studies would not outlive the sweep"], 2),
+    ("run-optuna-storage-unknown-database", "tune.run",
+     lambda f, t: SWEEP + ["--optuna-storage", "nosuchdb://h/optuna"],
+     ["--optuna-storage 'nosuchdb://h/optuna': unknown database 'nosuchdb'"], 2),
+    ("run-optuna-storage-under-a-file", "tune.run", lambda f, t: SWEEP + ["--optuna-storage",
+                                                                          f"sqlite:///{f.file}/optuna.db"],
+     ["--optuna-storage '", "cannot be created: '", "a-file.txt' is a file"], 2),
+    ("run-optuna-storage-is-the-mlflow-db", "tune.run", lambda f, t: SWEEP + ["--optuna-storage", f.store_uri],
+     ["holds tables of another application (", "not an Optuna storage; accepted: a database of its own"], 2),
+    ("run-optuna-studies-exist", "tune.run", lambda f, t: SWEEP + ["--optuna-storage", f.studies],
+     ["Optuna study 'finegates-smoke/rte/finegates' already has 1 trials in 'sqlite:///", "accepted: --resume to "
+      "continue that sweep, or another --experiment or --optuna-storage"], 2),
 ]
 #: cases that need the loopback-only namespace (they connect to 127.0.0.1)
 NEEDS_LOOPBACK = {"run-address-nothing-listens", "run-ray-client-nothing-listens"}

@@ -1,5 +1,6 @@
 """Sweep-level checks made before ``tune.run`` starts Ray, creates an MLflow run or writes a file:
-every task's data, the model, the output and storage paths, the tracking store and the Ray address.
+every task's data, the model, the output and storage paths, the tracking store, the Optuna storage and
+the Ray address.
 Each check returns one-line problems naming the task / file / value and what is accepted.
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ from typing import Any
 
 from finegates.preflight import check_model, check_output_dir
 from tasks import check_task_data, get_task
+from tune.studies import check_storage as check_optuna_storage
 
 #: seconds to wait for a TCP connection to the Ray cluster's GCS (or Ray Client) port
 ADDRESS_TIMEOUT_S = 3.0
@@ -85,5 +87,6 @@ def check_sweep(v: dict[str, Any], address: str | None) -> list[str]:
     problems += check_output_dir(v["out"], "--out")
     problems += check_storage(v["storage"])
     problems += check_tracking_path(v["uri"])
+    problems += check_optuna_storage(v["optuna_storage"])
     problems += check_address(address)
     return problems

@@ -11,11 +11,16 @@ Caveats:
   small CPU machine (256 train examples, 3 epochs, 3 trials per task); with GPUs (``--scale gpu``,
   implied by ``--gpus-per-trial > 0``) 2000 train examples, 5 epochs, 12 trials per task. Every size
   option overrides its default.
-* The sweep's results live in ``--storage``/``--experiment`` (Ray) and in the MLflow experiment of
-  the same name; ``--resume`` continues both.
+* The sweep's results live in ``--storage``/``--experiment`` (Ray), in the MLflow experiment of
+  the same name and in its Optuna studies ``<experiment>/<task>/<method>`` in ``--optuna-storage``
+  (default: ``optuna.db`` beside the MLflow SQLite database; ``optuna-dashboard <storage>`` shows each
+  study's Pareto front and trials); ``--resume`` continues all three. A fresh sweep whose studies
+  already have trials in that storage is refused: resume it, or give another ``--experiment`` or
+  ``--optuna-storage``.
 * Exit codes: 2 when the input is refused before anything starts (every problem on its own ``error:``
-  line: data, model, paths, tracking store, ``--address``, ``--resume`` without a sweep); 1 when some
-  task got no finished trial (per task, the first line of its trials' error); 0 otherwise.
+  line: data, model, paths, tracking store, ``--address``, ``--optuna-storage``, ``--resume`` without a
+  sweep); 1 when some task got no finished trial (per task, the first line of its trials' error); 0
+  otherwise.
 * When a task has no validation split in the data directory (QQP offline), a seeded train hold-out is
   used and recorded as ``validation_source=train-holdout``.
 """
@@ -79,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--experiment", default=None, help="sweep name = MLflow experiment = Ray run name (default: "
       "finegates-<tasks>)")
     a("--storage", default=None, help="Ray results: absolute path or URI (default: <cwd>/runs/ray)")
+    a("--optuna-storage", default=None, help="Optuna RDB storage of the sweep's studies "
+      "(<experiment>/<task>/<method>): sqlite:///<path> or a database server's URL, e.g. "
+      "postgresql://user:pw@host/db (default: $FINEGATES_OPTUNA_STORAGE, else optuna.db beside the MLflow SQLite "
+      "database, else <cwd>/optuna.db)")
     a("--out", default=None, help="selection output dir (default: <cwd>/runs/<experiment>)")
     a("--address", default=None, help="attach to a Ray cluster ('auto' or host:port; default: start a local Ray)")
     a("--resume", action="store_true", help="continue an interrupted sweep of the same --experiment/--storage; "
@@ -124,6 +133,7 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     from tasks import parse_tasks, resolve_data_dir
     from tune.select import parse_budgets
     from tune.space import SPACES
+    from tune.studies import StorageError, default_storage, normalise
     from tune.tracking import check_reachable, default_tracking_uri
 
     if args.smoke_test and args.tasks == "glue":
@@ -160,6 +170,10 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     model = resolve_model(args.model)
     uri = args.mlflow_uri or default_tracking_uri()
     check_reachable(uri)
+    try:
+        optuna_storage = normalise(args.optuna_storage or default_storage(uri))
+    except StorageError as e:
+        raise UsageError(str(e)) from None
     for name in ("max_train", "max_eval"):
         if getattr(args, name) is not None:
             sizes[name] = parse_count(getattr(args, name), "--" + name.replace("_", "-"))
@@ -196,7 +210,8 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     train["teacher_cache"] = str(out / "teachers")
     rule = _stop_rule(args, budgets, float(train["epochs"]))
     return dict(tasks=tasks, budgets=budgets, methods=methods, trials=trials, cpus=cpus, storage=storage, uri=uri,
-                train=train, experiment=experiment, out=out, scale=scale, spaces=spaces, stop_rule=rule)
+                train=train, experiment=experiment, out=out, scale=scale, spaces=spaces,
+                optuna_storage=optuna_storage, stop_rule=rule)
 
 
 def _stop_rule(args: argparse.Namespace, budgets: list[float], epochs: float):
@@ -248,8 +263,10 @@ def sweep(v: dict[str, Any], args: argparse.Namespace) -> tuple[Tracker, dict[st
         log.warning("resuming sweep %s from %s", v["experiment"], v["restore"])
         tuner = tune.Tuner.restore(v["restore"], trainable=trainable, resume_unfinished=True, resume_errored=False,
                                    restart_errored=False)
+        _restored_searcher(tuner).use_storage(v["optuna_storage"])  # the studies are read from this storage
     else:
-        searcher = MultiTaskOptunaSearch(v["tasks"], v["spaces"], v["trials"], seed=args.seed)
+        searcher = MultiTaskOptunaSearch(v["tasks"], v["spaces"], v["trials"], storage=v["optuna_storage"],
+                                         experiment=v["experiment"], seed=args.seed)
         n = v["trials"] * len(v["tasks"]) * len(v["methods"])
         scheduler = None
         if v["stop_rule"] is not None:
@@ -286,6 +303,15 @@ def sweep(v: dict[str, Any], args: argparse.Namespace) -> tuple[Tracker, dict[st
         if not pts:
             failed[task] = _task_failure(tracker, grid, task, v["experiment"])
     return tracker, failed
+
+
+def _restored_searcher(tuner):
+    """The searcher that ``Tuner.restore`` unpickled from the sweep's tuner.pkl (Ray has no public accessor)."""
+    from tune.searcher import MultiTaskOptunaSearch
+
+    searcher = tuner._local_tuner._tune_config.search_alg
+    assert isinstance(searcher, MultiTaskOptunaSearch), type(searcher)
+    return searcher
 
 
 def _first_line(text: str) -> str:
@@ -358,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         problems = _check_eval_splits(v)
     if not problems:
         problems = _check_resume(v, args)
+    if not problems:
+        problems = _check_studies(v)
     if problems:
         for msg in problems:
             print(f"error: {msg}", file=sys.stderr)
@@ -422,6 +450,14 @@ def _check_resume(v: dict[str, Any], args: argparse.Namespace) -> list[str]:
         return [f"--resume: there is no sweep {v['experiment']!r} to resume in {v['storage']}; accepted: the "
                 "--experiment and --storage of an interrupted sweep, or --resume-or-start to start it when absent"]
     return []
+
+
+def _check_studies(v: dict[str, Any]) -> list[str]:
+    """A fresh sweep does not mix into studies that already have trials; a resumed one finds its own."""
+    from tune.studies import check_studies, study_name
+
+    names = [study_name(v["experiment"], t, m) for t in v["tasks"] for m in v["methods"]]
+    return check_studies(v["optuna_storage"], names, resuming=v["restore"] is not None)
 
 
 if __name__ == "__main__":

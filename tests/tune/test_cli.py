@@ -57,8 +57,8 @@ def test_help_documents_options_with_defaults(capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     for opt in ("--trials-per-task", "--max-concurrent", "--cpus-per-trial", "--gpus-per-trial", "--model",
-                "--methods", "--budget", "--mlflow-uri", "--experiment", "--storage", "--address", "--resume",
-                "--smoke-test", "--seed", "--data-dir", "--max-train", "--epochs"):
+                "--methods", "--budget", "--mlflow-uri", "--experiment", "--storage", "--optuna-storage", "--address",
+                "--resume", "--smoke-test", "--seed", "--data-dir", "--max-train", "--epochs"):
         assert opt in text, opt
     assert "default" in text
 

@@ -162,3 +162,24 @@ def test_picks_are_scored_once_on_the_held_out_part_and_rerun_with_seeds(sweep):
         assert run.data.tags["task"] != "sst2" or run.data.metrics["n_eval"] == 200
         hist = c.get_metric_history(run.info.run_id, "report_score")
         assert len(hist) == (1 if run.info.run_id in picks else 0), run.info.run_id
+
+
+def test_every_trial_is_in_its_optuna_study(sweep):
+    """The studies e2e/<task>/finegates in the default storage (optuna.db beside mlflow.db): one trial per
+    Ray trial, told with the MLflow run's score and sparsity (FAIL where the run failed)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    d, uri, _ = sweep
+    _, _, runs = trial_runs(uri)
+    storage = f"sqlite:///{d / 'optuna.db'}"
+    assert sorted(optuna.get_all_study_names(storage)) == ["e2e/rte/finegates", "e2e/sst2/finegates"]
+    for task in ("sst2", "rte"):
+        trials = optuna.load_study(study_name=f"e2e/{task}/finegates", storage=storage).trials
+        assert len(trials) == 3  # --trials-per-task, the reference included
+        told = {t.user_attrs["ray_trial_id"]: (t.state, t.values) for t in trials}
+        assert told == {r.data.tags["ray_trial_id"]: (
+            (TrialState.COMPLETE, [r.data.metrics["score"], r.data.metrics["sparsity"]])
+            if r.info.status == "FINISHED" else (TrialState.FAIL, None))
+            for r in runs if r.data.tags["task"] == task}
+        assert sum(bool(t.user_attrs.get("reference")) for t in trials) == 1

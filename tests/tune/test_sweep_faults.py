@@ -5,8 +5,10 @@ import signal
 import sqlite3
 import time
 
+import optuna
 import pytest
 from mlflow import MlflowClient
+from optuna.trial import TrialState
 
 from tests.tune.conftest import kill_group, run_cli, spawn_cli
 
@@ -29,6 +31,12 @@ def _finished_count(db) -> int:
                                "t.key = 'finegates.role' AND t.value = 'trial' AND r.status = 'FINISHED'").fetchone()[0]
     except sqlite3.Error:
         return 0
+
+
+def _study_trials(db, name: str) -> dict[str, tuple]:
+    """Ray trial id -> (Optuna number, state, values) of one study of the sweep's Optuna storage."""
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
+    return {t.user_attrs["ray_trial_id"]: (t.number, t.state, t.values) for t in study.trials}
 
 
 def test_a_nan_trial_is_recorded_as_failed_and_the_sweep_goes_on(loopback_only, glue_dir, tmp_path):
@@ -78,6 +86,12 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(loopback_onl
     first = {r.data.tags["ray_trial_id"]: r.info.status for r in _runs(uri, "resume")}
     finished_before = {t for t, s in first.items() if s == "FINISHED"}
     assert 2 <= len(finished_before) < 4, first
+    # the study (default storage: optuna.db beside mlflow.db) holds the finished trials; the searched ones in
+    # flight are RUNNING there (asked, not yet told)
+    study_before = _study_trials(tmp_path / "optuna.db", "resume/rte/finegates")
+    told_before = {k: v for k, v in study_before.items() if v[1] != TrialState.RUNNING}
+    assert set(told_before) == finished_before, (study_before, first)
+    assert all(v[1] == TrialState.COMPLETE for v in told_before.values())
     code, out, err = run_cli("tune.run", args + ["--resume"], cwd=tmp_path)
     assert code == 0, err[-3000:]
     runs = _runs(uri, "resume")
@@ -88,6 +102,13 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(loopback_onl
     assert all(r.data.tags.get("restarts") is None for r in runs if r.data.tags["ray_trial_id"] in finished_before)
     # the study kept its history: 4 Ray trials in the experiment, reference + 3 searched
     assert sum(r.data.params["reference"] == "True" for r in runs) == 1
+    # ... read back from the Optuna storage: the trials told before are unchanged (numbers, values), and the
+    # study now has exactly the 4 trials, all COMPLETE, with the MLflow runs' score and sparsity
+    study_after = _study_trials(tmp_path / "optuna.db", "resume/rte/finegates")
+    assert {k: study_after[k] for k in told_before} == told_before
+    assert len(study_after) == 4 and {v[1] for v in study_after.values()} == {TrialState.COMPLETE}
+    assert {k: v[2] for k, v in study_after.items()} == {
+        r.data.tags["ray_trial_id"]: [r.data.metrics["score"], r.data.metrics["sparsity"]] for r in runs}
 
 
 def test_a_task_whose_every_trial_failed_makes_the_sweep_fail(loopback_only, glue_dir, tmp_path):
