@@ -52,3 +52,13 @@ def run_cli(module: str, args: list[str], cwd: Path, timeout: float = 900, env: 
         except ProcessLookupError:
             pass
     return p.returncode, out, err
+
+
+@pytest.fixture(scope="session")
+def template_db(tmp_path_factory):
+    """An empty, migrated MLflow SQLite store; tests copy it (creating one takes seconds)."""
+    from mlflow import MlflowClient
+
+    d = tmp_path_factory.mktemp("template")
+    MlflowClient(f"sqlite:///{d / 'mlflow.db'}").search_experiments()
+    return d / "mlflow.db"

@@ -17,14 +17,6 @@ from tune.trial import trial_params
 SWEEP = "heldout"
 
 
-@pytest.fixture(scope="module")
-def template_db(tmp_path_factory):
-    """An empty, migrated MLflow SQLite store; each test copies it (creating one takes seconds)."""
-    d = tmp_path_factory.mktemp("template")
-    MlflowClient(f"sqlite:///{d / 'mlflow.db'}").search_experiments()
-    return d / "mlflow.db"
-
-
 @pytest.fixture()
 def tracker(tmp_path, template_db):
     shutil.copy(template_db, tmp_path / "mlflow.db")

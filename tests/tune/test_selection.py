@@ -16,14 +16,6 @@ from tune.tracking import TAG_METHOD, TAG_PARETO, TAG_ROLE, TAG_SWEEP, TAG_TASK,
 SWEEP = "synthetic"
 
 
-@pytest.fixture(scope="module")
-def template_db(tmp_path_factory):
-    """An empty, migrated MLflow SQLite store; each test copies it (creating one takes seconds)."""
-    d = tmp_path_factory.mktemp("template")
-    MlflowClient(f"sqlite:///{d / 'mlflow.db'}").search_experiments()
-    return d / "mlflow.db"
-
-
 class Store:
     """A sweep-shaped experiment: a parent run per task, one child run per trial (tags, params and metrics as
     tune.tracking writes them), the predictions as a file and as the run artifact, a model to register."""
