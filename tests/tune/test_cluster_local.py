@@ -178,7 +178,7 @@ def test_worker_node_killed_and_tracking_server_stopped_mid_sweep(cluster, serve
     # (with ~10 s trials the trial seen running could finish before the kill: seen in CI under load)
     args = sweep_args(tmp_path, server, info["address"], "faults", "--tasks", "rte", "--trials-per-task", "6",
                       "--data-dir", str(glue_dir), "--max-concurrent", "2", "--max-failures", "2",
-                      "--max-train", "512", "--epochs", "2")
+                      "--max-train", "512", "--epochs", "2", "--scheduler", "none")  # all 6 run to the end
     d = spawn_cli("tune.run", args, tmp_path)
     try:
         wait_finished(server.uri, "faults", 1, d)

@@ -168,7 +168,7 @@ def test_tracking_server_stopped_60_s_mid_sweep_loses_nothing(server, glue_dir, 
         "--smoke-test", "--tasks", "rte", "--trials-per-task", "2", "--max-concurrent", "2", "--cpus-per-trial", "1",
         "--teacher", "none", "--max-train", "256", "--epochs", str(epochs), "--mlflow-uri", server.uri,
         "--experiment", "away", "--storage", str(tmp_path / "ray"), "--out", str(tmp_path / "out"),
-        "--data-dir", str(glue_dir), "--verbose", "0"], tmp_path)
+        "--data-dir", str(glue_dir), "--verbose", "0", "--scheduler", "none"], tmp_path)  # every trial to its end
     c = MlflowClient(server.uri)
     try:
         deadline = time.time() + 600
