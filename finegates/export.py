@@ -156,6 +156,15 @@ def load_compressed(path: str | os.PathLike, dtype: str | torch.dtype | None = N
     return model.eval()
 
 
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer saved with an exported checkpoint. It is the base model's own (a standard class), so no
+    remote code is run and nothing is asked: without ``trust_remote_code=False`` and a neutral config,
+    transformers reads the checkpoint's ``auto_map`` and prompts on a terminal whether to run its modeling code."""
+    from transformers import AutoTokenizer, PretrainedConfig
+
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, config=PretrainedConfig())
+
+
 def export_gated_model(model: nn.Module, path: str | os.PathLike, tokenizer=None, extra: dict | None = None,
                        align: int = DEFAULT_ALIGN, dtype: str | torch.dtype = "fp32"
                        ) -> tuple[Path, ExportStats]:
@@ -168,5 +177,5 @@ def export_gated_model(model: nn.Module, path: str | os.PathLike, tokenizer=None
 
 
 __all__ = ["DEFAULT_ALIGN", "DTYPES", "CheckpointError", "ExportStats", "aligned_width", "build_compressed",
-           "check_align", "export_gated_model", "load_compressed", "resolve_dtype", "save_compressed",
-           "trainable_head_parameters"]
+           "check_align", "export_gated_model", "load_compressed", "load_tokenizer", "resolve_dtype",
+           "save_compressed", "trainable_head_parameters"]

@@ -158,13 +158,12 @@ def evaluate_checkpoint(model_dir: str | os.PathLike, cfg: TrainConfig, part: st
     """Predictions and labels of an exported checkpoint on one part of ``cfg``'s evaluation data (the same
     subsets, split, tokenizer and max length as the run that made it; the tokenizer saved with it)."""
     from torch.utils.data import DataLoader
-    from transformers import AutoTokenizer
 
-    from finegates.export import load_compressed
+    from finegates.export import load_compressed, load_tokenizer
     from tasks import get_task, load_task_data
 
     task = get_task(cfg.task)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer = load_tokenizer(model_dir)
     data = load_task_data(task, tokenizer, data_dir=cfg.data_dir, max_train=cfg.max_train, max_eval=cfg.max_eval,
                           seed=cfg.subset_seed, max_length=cfg.max_length, eval_part=part,
                           report_frac=cfg.report_frac, tokenize_train=False)

@@ -114,6 +114,17 @@ def test_three_loaders_on_a_saved_checkpoint(tmp_path, tokenizer):
     sd = load_file(str(path / "model.safetensors"))
     assert sum(v.numel() for v in sd.values()) == sum(p.numel() for p in small.parameters())
     assert json.loads((path / "config.json").read_text())["auto_map"]["AutoModelForSequenceClassification"]
+    # its tokenizer loads without running or asking about the modeling code (transformers prompts "Do you wish
+    # to run the custom code?" on the terminal for a checkpoint with an auto_map unless told not to)
+    import subprocess
+    import sys
+
+    code = f"from finegates.export import load_tokenizer; print(load_tokenizer({str(path)!r})('a fine film')['input_ids'])"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "custom code" not in r.stdout + r.stderr
+    assert r.stdout.strip() == str(tokenizer("a fine film")["input_ids"])
 
 
 def test_corrupt_or_missing_checkpoint_is_a_clear_error(tmp_path):
