@@ -14,7 +14,9 @@ Run it inside a loopback-only namespace (it starts Ray):
     unshare -rn sh -c 'ip link set lo up && python benchmarks/scheduler.py --work /tmp/sched -- \\
         --tasks sst2,mrpc,stsb,qnli --trials-per-task 4'
 
-Rows are also appended to ``<work>/scheduler.jsonl`` as each sweep ends.
+Rows are also appended to ``<work>/scheduler.jsonl`` as each sweep ends, and the tables are made from every
+row there: ``--arms budget --first-repeat 1`` adds one more sweep to an earlier comparison (e.g. after a change
+to the scheduler, beside the ``none`` sweep already measured).
 """
 from __future__ import annotations
 
@@ -74,27 +76,31 @@ def main() -> None:
     sweep_args = argv[argv.index("--") + 1:] if "--" in argv else []
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", required=True, help="folder for the sweeps' stores and outputs")
-    p.add_argument("--repeats", type=int, default=1, help="pairs of sweeps (default: 1)")
+    p.add_argument("--repeats", type=int, default=1, help="rounds of sweeps (default: 1)")
+    p.add_argument("--arms", default=",".join(ARMS), help="schedulers to run each round (default: budget,none)")
+    p.add_argument("--first-repeat", type=int, default=0, help="number of the first round (default: 0)")
     a = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    arms = tuple(x.strip() for x in a.arms.split(",") if x.strip())
+    if not arms or any(x not in ARMS for x in arms):
+        sys.exit(f"error: --arms {a.arms!r} is invalid; accepted: a comma list of {', '.join(ARMS)}")
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    results = []
-    for rep in range(a.repeats):
-        for arm in (ARMS if rep % 2 == 0 else ARMS[::-1]):
+    for rep in range(a.first_repeat, a.first_repeat + a.repeats):
+        for arm in (arms if rep % 2 == 0 else arms[::-1]):
             res = run_arm(arm, rep, work, sweep_args)
-            results.append(res)
             with open(work / "scheduler.jsonl", "a") as f:
                 f.write(json.dumps(res) + "\n")
             print(f"{arm} #{rep}: {res['wall_s']:.0f} s, {res['trials']} trials, {res['stopped']} stopped", flush=True)
+    results = [json.loads(line) for line in (work / "scheduler.jsonl").read_text().splitlines() if line.strip()]
     print("\n| scheduler | repeat | wall s | trials | stopped early | trial-epochs | sum of trial time s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r['arm']} | {r['repeat']} | {r['wall_s']:.0f} | {r['trials']} | {r['stopped']} | "
               f"{r['trial_epochs']} | {r['trial_s']:.0f} |")
-    for rep in range(a.repeats):
-        b, n = ({r["arm"]: r for r in results if r["repeat"] == rep}[x] for x in ARMS)
-        print(f"\nrepeat {rep}: budget / none = wall {b['wall_s'] / n['wall_s']:.2f}, trial time "
-              f"{b['trial_s'] / n['trial_s']:.2f}, trial-epochs {b['trial_epochs'] / n['trial_epochs']:.2f}")
+    for b in (r for r in results if r["arm"] == "budget"):
+        for n in (r for r in results if r["arm"] == "none"):
+            print(f"\nbudget #{b['repeat']} / none #{n['repeat']}: wall {b['wall_s'] / n['wall_s']:.2f}, trial time "
+                  f"{b['trial_s'] / n['trial_s']:.2f}, trial-epochs {b['trial_epochs'] / n['trial_epochs']:.2f}")
     print("\n| task | repeat | scheduler | status | reference | chosen (selection part) | report part | sparsity |")
     print("|---|---:|---|---|---:|---:|---:|---:|")
     tasks = sorted({t for r in results for t in r["picks"]})

@@ -272,7 +272,8 @@ def sweep(v: dict[str, Any], args: argparse.Namespace) -> tuple[Tracker, dict[st
         if v["stop_rule"] is not None:
             from tune.scheduler import BudgetStopper
 
-            scheduler = BudgetStopper(v["stop_rule"], tracking=(v["uri"], tracker.experiment_id, v["experiment"]))
+            scheduler = BudgetStopper(v["stop_rule"], tracking=(v["uri"], tracker.experiment_id, v["experiment"]),
+                                      methods=tuple(v["methods"]))
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=n, reuse_actors=True,

@@ -2,8 +2,8 @@
 
 Ray's and Optuna's pruners rank trials by one metric. A FineGates sweep has two objectives (score up,
 sparsity up) and a budget: a trial is worth finishing only if it can end on the task's Pareto front
-within the budget. At each epoch report before the last (a *rung*) the scheduler compares a trial with the trials of
-its task and method that reported the same epoch, and stops it when
+within the budget. At each epoch report before the last (a *rung*) the scheduler compares a trial with the
+trials of its task and method that reported the same epoch, and stops it when
 
 * **budget**: its score is below the budget threshold by more than ``margin``. The threshold comes from
   the best score at that epoch, the way the selector uses the reference: ``best * (1 - budget)`` for
@@ -12,6 +12,13 @@ its task and method that reported the same epoch, and stops it when
 * **dominated**: at least ``k`` trials have at least its score and at least its sparsity at that epoch
   (one of them strictly higher). Sparsity at an epoch is ``gate_sparsity``, the share of gates closed
   now (0 for the dense methods).
+
+or, whatever its score, when
+
+* **not learned**: every method's reference trial of the task has finished and none clearly beats the
+  trivial predictor (the selector's guard, :func:`tune.select.task_guard`, on the reference's recorded
+  predictions). The selector then picks nothing for the task, so its other trials are stopped at their
+  next rung, whatever their scores.
 
 A reference trial (each method's first, e.g. FineGates with target 0) is never stopped: the selector
 measures every loss against it. Trials are compared within their (task, method), so a baseline's trials
@@ -100,10 +107,15 @@ class BudgetStopper(FIFOScheduler):
     ``tracking``: (MLflow URI, experiment id, sweep name), to mark stopped runs and to read the history back
     on resume; None keeps everything in memory (unit use)."""
 
-    def __init__(self, rule: StopRule, tracking: tuple[str, str, str] | None = None) -> None:
+    def __init__(self, rule: StopRule, tracking: tuple[str, str, str] | None = None,
+                 methods: tuple[str, ...] = ("finegates",)) -> None:
         super().__init__()
         self.rule = rule
         self.tracking = tracking
+        self.methods = tuple(methods)
+        # (task, method) -> the guard's verdict on its finished reference (True / False / None = unverified)
+        self.reference_learned: dict[tuple[str, str], bool | None] = {}
+        self.not_learned: dict[str, str] = {}  # task -> the guard's reason, once no reference of it is learned
         # (task, method) -> epoch -> trial id -> point
         self.history: dict[tuple[str, str], dict[int, dict[str, EpochPoint]]] = defaultdict(lambda: defaultdict(dict))
         self.stopped: dict[str, tuple[int, str]] = {}  # trial id -> (epoch, reason)
@@ -125,10 +137,14 @@ class BudgetStopper(FIFOScheduler):
 
     def on_trial_result(self, tune_controller, trial, result: dict[str, Any]) -> str:
         cfg = trial.config
-        if result.get("final") or "epoch" not in result or "score" not in result:
-            return TrialScheduler.CONTINUE
         if not self._loaded:
             self._load_history()
+        if result.get("final"):
+            if cfg.get("reference"):
+                self._check_reference(cfg["task"], cfg["method"], trial.trial_id)
+            return TrialScheduler.CONTINUE
+        if "epoch" not in result or "score" not in result:
+            return TrialScheduler.CONTINUE
         key, epoch = (cfg["task"], cfg["method"]), int(round(float(result["epoch"])))
         me = EpochPoint(trial.trial_id, float(result["score"]), float(result.get(EPOCH_SPARSITY, 0.0)),
                         bool(cfg.get("reference")))
@@ -138,6 +154,8 @@ class BudgetStopper(FIFOScheduler):
         if not self.rule.decides_at(epoch):
             return TrialScheduler.CONTINUE
         reason = decide(self.rule, me, others)
+        if cfg["task"] in self.not_learned and not me.reference:
+            reason = f"not learned: {self.not_learned[cfg['task']]}"
         if reason is None:
             return TrialScheduler.CONTINUE
         self.stopped[trial.trial_id] = (epoch, reason)
@@ -147,6 +165,41 @@ class BudgetStopper(FIFOScheduler):
 
     def debug_string(self) -> str:
         return f"BudgetStopper: {len(self.stopped)} trials stopped early"
+
+    # ---- the task guard on finished references
+    def _check_reference(self, task: str, method: str, trial_id: str) -> None:
+        """The selector's guard on a finished reference trial's run; once every method's reference of the task
+        is checked and none is learned, the task's other trials stop at their next rung."""
+        if self.tracking is None or (task, method) in self.reference_learned:
+            return
+        from tune.tracking import TAG_SWEEP, TAG_TRIAL, Tracker
+
+        uri, experiment_id, sweep = self.tracking
+        try:
+            tracker = Tracker(uri, experiment_id=experiment_id, retry_s=10)
+            runs = tracker.find_runs(f"tags.`{TAG_TRIAL}` = '{trial_id}'", f"tags.`{TAG_SWEEP}` = '{sweep}'",
+                                     status="FINISHED")
+            if runs:
+                self._record_guard(tracker, task, method, runs[0])
+        except Exception as e:  # noqa: BLE001 - without the guard the scheduler only stops less
+            log.warning("could not check the reference trial %s of %s against the trivial predictor: %s",
+                        trial_id, task, e)
+
+    def _record_guard(self, tracker, task: str, method: str, run) -> None:
+        from tasks import get_task
+        from tune.pareto import Point
+        from tune.select import LEARNED, NOT_LEARNED, TaskEvidence, task_guard
+
+        m = run.data.metrics
+        point = Point(run.info.run_id, m["score"], m.get("sparsity", 0.0), m.get("latency_ms", math.inf),
+                      info={"run": run, **m})
+        status, reason, _, _ = task_guard(TaskEvidence(tracker, get_task(task), [point]), [point])
+        self.reference_learned[(task, method)] = {LEARNED: True, NOT_LEARNED: False}.get(status)  # else unverified
+        verdicts = [self.reference_learned.get((task, mm), "pending") for mm in self.methods]
+        if all(v is False for v in verdicts):
+            self.not_learned[task] = reason.removeprefix("not learned: ").split("; nothing is selected")[0] + \
+                "; the selector picks nothing for this task"
+            log.warning("task %s is not learned by its reference(s): its other trials stop at their next rung", task)
 
     # ---- MLflow
     def _mark(self, trial_id: str, epoch: int, reason: str) -> None:
@@ -190,6 +243,8 @@ class BudgetStopper(FIFOScheduler):
                                                                              reference))
                 if last_epoch is not None:
                     self.stopped[trial_id] = (last_epoch, tags.get(TAG_STOP_REASON, ""))
+                if reference and r.info.status == "FINISHED" and key not in self.reference_learned:
+                    self._record_guard(tracker, *key, r)
             log.info("scheduler: read back %d trial runs of sweep %s", len(runs), sweep)
         except Exception as e:  # noqa: BLE001 - without history the resumed sweep only stops less
             log.warning("could not read the sweep's epoch history back from MLflow: %s", e)

@@ -95,11 +95,37 @@ def test_the_scheduler_pickles_with_its_history_and_reloads_it_from_mlflow_when_
     assert decide(REL, p("new", 0.60, 0.2), list(hist[1].values())) is not None
 
 
+def test_a_task_is_not_learned_only_when_every_methods_reference_fails_the_guard(tmp_path, template_db):
+    """The selector's guard on finished references (real MLflow runs with their predictions): the task's other
+    trials are stopped only once no method's reference clearly beats the trivial predictor."""
+    import numpy as np
+
+    from tests.tune.test_selection import SWEEP, Store
+
+    store = Store(tmp_path, template_db)
+    labels = np.array([0, 1] * 60)
+    chance = store.trial("rte", np.zeros_like(labels), labels, 0.0, reference=True)  # the majority class
+    learned = store.trial("rte", labels.copy(), labels, 0.0, reference=True, method="lora")
+    stopper = BudgetStopper(REL, tracking=(store.uri, store.exp, SWEEP), methods=("finegates", "lora"))
+    run = store.client.get_run
+    stopper._record_guard(store.tracker, "rte", "finegates", run(chance))
+    assert stopper.reference_learned == {("rte", "finegates"): False}
+    assert stopper.not_learned == {}  # LoRA's reference has not finished yet
+    stopper._record_guard(store.tracker, "rte", "lora", run(learned))
+    assert stopper.not_learned == {}  # one learned reference: the selector can pick from this task
+    alone = BudgetStopper(REL, tracking=(store.uri, store.exp, SWEEP), methods=("finegates",))
+    alone._record_guard(store.tracker, "rte", "finegates", run(chance))
+    assert alone.not_learned["rte"].startswith("reference trial") and "trivial" in alone.not_learned["rte"]
+    assert alone.not_learned["rte"].endswith("the selector picks nothing for this task")
+
+
 @pytest.mark.slow
 def test_a_sweep_stops_hopeless_trials_keeps_the_reference_and_leaves_them_out_of_the_front(loopback_only, glue_dir,
                                                                                             tmp_path):
-    """Real smoke-sized trials on SST-2, 2 epochs: the searched trials get a learning rate of 1e-7 (they stay
-    near chance) and are stopped after epoch 1; the reference learns and finishes."""
+    """Real small trials on SST-2 and CoLA, 2 epochs: the searched trials get a learning rate of 1e-7 (they stay
+    near chance) and are stopped after epoch 1; the references finish. SST-2's reference learns, so its trials
+    are stopped by their scores; CoLA's does not (MCC ~0 at 256 examples), so the selector can pick nothing
+    there and its trials are stopped as not learned."""
     import json
 
     from mlflow import MlflowClient
@@ -108,7 +134,7 @@ def test_a_sweep_stops_hopeless_trials_keeps_the_reference_and_leaves_them_out_o
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     code, out, err = run_cli("tune.run", [
-        "--tasks", "sst2", "--trials-per-task", "3", "--max-train", "256", "--max-eval", "400", "--epochs", "2",
+        "--tasks", "sst2,cola", "--trials-per-task", "3", "--max-train", "256", "--max-eval", "400", "--epochs", "2",
         "--max-length", "64", "--teacher", "none", "--mlflow-uri", uri, "--storage", str(tmp_path / "ray"),
         "--out", str(tmp_path / "out"), "--experiment", "stop", "--data-dir", str(glue_dir), "--verbose", "0",
         "--search-space", '{"lr": [1e-7, 1e-7]}'], cwd=tmp_path)
@@ -117,15 +143,21 @@ def test_a_sweep_stops_hopeless_trials_keeps_the_reference_and_leaves_them_out_o
     runs = c.search_runs([c.get_experiment_by_name("stop").experiment_id], "tags.`finegates.role` = 'trial'")
     ref = [r for r in runs if r.data.params["reference"] == "True"]
     searched = [r for r in runs if r.data.params["reference"] == "False"]
-    assert len(ref) == 1 and len(searched) == 2
-    assert ref[0].info.status == "FINISHED" and ref[0].data.tags.get("stopped_early") is None
+    assert len(ref) == 2 and len(searched) == 4
+    for r in ref:
+        assert r.info.status == "FINISHED" and r.data.tags.get("stopped_early") is None
+        assert r.data.tags["pareto"] == "true"
     for r in searched:  # stopped at the first rung, KILLED, with their epoch-1 point kept
         assert r.info.status == "KILLED", r.data.tags
         assert r.data.tags["stopped_early"] == "true" and r.data.tags["stopped_epoch"] == "1"
-        assert r.data.tags["stop_reason"].startswith(("budget:", "dominated:"))
+        reason = r.data.tags["stop_reason"]
+        if r.data.tags["task"] == "cola":
+            assert reason.startswith("not learned: reference trial") and "trivial" in reason, reason
+        else:
+            assert reason.startswith(("budget:", "dominated:", "not learned:")), reason
         assert [m.step for m in c.get_metric_history(r.info.run_id, "score")] == [1]
         assert r.data.tags["pareto"] == "false"
         assert "model_uri" not in r.data.tags
-    assert ref[0].data.tags["pareto"] == "true"
     picked = json.loads((tmp_path / "out" / "selection" / "selection.json").read_text())
     assert {r.info.run_id for r in searched}.isdisjoint(json.dumps(picked))
+    assert "2 trials were stopped early" not in out and "4 trials were stopped early by the scheduler" in out
