@@ -145,6 +145,8 @@ class BudgetStopper(FIFOScheduler):
             return TrialScheduler.CONTINUE
         if "epoch" not in result or "score" not in result:
             return TrialScheduler.CONTINUE
+        if trial.trial_id in self.stopped:  # stopped before a driver restart that Ray's saved state missed
+            return TrialScheduler.STOP
         key, epoch = (cfg["task"], cfg["method"]), int(round(float(result["epoch"])))
         me = EpochPoint(trial.trial_id, float(result["score"]), float(result.get(EPOCH_SPARSITY, 0.0)),
                         bool(cfg.get("reference")))
@@ -203,21 +205,26 @@ class BudgetStopper(FIFOScheduler):
 
     # ---- MLflow
     def _mark(self, trial_id: str, epoch: int, reason: str) -> None:
-        """Tag the trial's run as stopped early (the worker ends it KILLED; reconcile does if the worker cannot)."""
+        """Tag the trial's run as stopped early and end it KILLED, from the driver: with reused actors Ray parks
+        the stopped trial's worker, whose thread may never reach its own ``end_stopped``. A short deadline: the
+        driver's event loop waits on these calls; ``reconcile`` closes the run after the sweep if they fail."""
         if self.tracking is None:
             return
+        from mlflow.entities import RunTag
+
         from tune.tracking import TAG_SWEEP, TAG_TRIAL, Tracker
 
         uri, experiment_id, sweep = self.tracking
+        tags = [RunTag(TAG_STOPPED, "true"), RunTag(TAG_STOPPED_EPOCH, str(epoch)),
+                RunTag(TAG_STOP_REASON, reason[:500])]
         try:
-            # a short deadline: the driver's event loop waits on it; the worker ends the run KILLED in any case
-            tracker = Tracker(uri, experiment_id=experiment_id, retry_s=10)
+            tracker = Tracker(uri, experiment_id=experiment_id, retry_s=2)
             for r in tracker.find_runs(f"tags.`{TAG_TRIAL}` = '{trial_id}'", f"tags.`{TAG_SWEEP}` = '{sweep}'"):
-                tracker.tag(r.info.run_id, TAG_STOPPED, "true")
-                tracker.tag(r.info.run_id, TAG_STOPPED_EPOCH, str(epoch))
-                tracker.tag(r.info.run_id, TAG_STOP_REASON, reason[:500])
+                run_id = r.info.run_id
+                tracker._retry(lambda: tracker.client.log_batch(run_id, tags=tags), "tag stopped run")
+                tracker._retry(lambda: tracker.client.set_terminated(run_id, status="KILLED"), "end stopped run")
         except Exception as e:  # noqa: BLE001 - the decision stands; reconcile closes the run in any case
-            log.warning("could not tag trial %s as stopped early: %s", trial_id, e)
+            log.warning("could not mark trial %s as stopped early: %s", trial_id, e)
 
     def _load_history(self) -> None:
         """The epochs that trials of this sweep logged before a resume (from MLflow)."""
@@ -228,26 +235,35 @@ class BudgetStopper(FIFOScheduler):
         try:
             tracker = Tracker(uri, experiment_id=experiment_id)
             runs = tracker.find_runs(f"tags.`{TAG_ROLE}` = 'trial'", f"tags.`{TAG_SWEEP}` = '{sweep}'")
-            for r in runs:
-                tags, trial_id = r.data.tags, r.data.tags.get(TAG_TRIAL, "")
-                key = (tags.get(TAG_TASK, ""), tags.get(TAG_METHOD, ""))
-                reference = r.data.params.get("reference", "False") == "True"
-                scores = {int(m.step): m.value for m in tracker.client.get_metric_history(r.info.run_id, "score")}
-                sparsity = {int(m.step): m.value
-                            for m in tracker.client.get_metric_history(r.info.run_id, EPOCH_SPARSITY)}
-                last_epoch = int(tags[TAG_STOPPED_EPOCH]) if tags.get(TAG_STOPPED) == "true" else None
-                for epoch, score in scores.items():
-                    if last_epoch is not None and epoch > last_epoch:
-                        continue
-                    self.history[key][epoch].setdefault(trial_id, EpochPoint(trial_id, score, sparsity.get(epoch, 0.0),
-                                                                             reference))
-                if last_epoch is not None:
-                    self.stopped[trial_id] = (last_epoch, tags.get(TAG_STOP_REASON, ""))
-                if reference and r.info.status == "FINISHED" and key not in self.reference_learned:
-                    self._record_guard(tracker, *key, r)
-            log.info("scheduler: read back %d trial runs of sweep %s", len(runs), sweep)
         except Exception as e:  # noqa: BLE001 - without history the resumed sweep only stops less
             log.warning("could not read the sweep's epoch history back from MLflow: %s", e)
+            return
+        for r in runs:
+            try:
+                self._load_run(tracker, r)
+            except Exception as e:  # noqa: BLE001 - one unreadable run costs only its own history
+                log.warning("could not read the epoch history of run %s back from MLflow: %s", r.info.run_id, e)
+        log.info("scheduler: read back %d trial runs of sweep %s", len(runs), sweep)
+
+    def _load_run(self, tracker, r) -> None:
+        """One trial run's epochs, stop and (for a finished reference) guard verdict."""
+        from tune.tracking import TAG_METHOD, TAG_TASK, TAG_TRIAL, with_retry
+
+        tags, trial_id = r.data.tags, r.data.tags.get(TAG_TRIAL, "")
+        key = (tags.get(TAG_TASK, ""), tags.get(TAG_METHOD, ""))
+        reference = r.data.params.get("reference", "False") == "True"
+        history = {name: {int(m.step): m.value for m in with_retry(
+            lambda: tracker.client.get_metric_history(r.info.run_id, name), "read epoch history", 10)}
+            for name in ("score", EPOCH_SPARSITY)}
+        last_epoch = int(tags[TAG_STOPPED_EPOCH]) if tags.get(TAG_STOPPED) == "true" else None
+        for epoch, score in history["score"].items():
+            if last_epoch is None or epoch <= last_epoch:
+                self.history[key][epoch].setdefault(
+                    trial_id, EpochPoint(trial_id, score, history[EPOCH_SPARSITY].get(epoch, 0.0), reference))
+        if last_epoch is not None:
+            self.stopped[trial_id] = (last_epoch, tags.get(TAG_STOP_REASON, ""))
+        if reference and r.info.status == "FINISHED" and key not in self.reference_learned:
+            self._record_guard(tracker, *key, r)
 
 
 def parse_rungs(text: str) -> tuple[int, ...] | None:

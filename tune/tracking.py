@@ -294,8 +294,8 @@ class Tracker:
         self._retry(lambda: self.client.set_terminated(run_id, status="FINISHED"), "finish run")
 
     def end_stopped(self, run_id: str) -> None:
-        """End the run of a trial that Tune stopped (early stopping, or the sweep stopping): KILLED, not FAILED;
-        its epochs stay logged. A resumed trial reopens it."""
+        """End the run of a trial that Tune stopped at a report (early stopping): KILLED, not FAILED; its epochs
+        stay logged. The scheduler also ends it from the driver, since a parked worker may never get here."""
         try:
             self._flush_epochs(run_id)  # the epochs it trained stay visible
             self._retry(lambda: self.client.set_terminated(run_id, status="KILLED"), "end stopped run")

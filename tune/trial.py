@@ -79,8 +79,11 @@ def trial_fn(config: dict[str, Any], fixed: dict[str, Any]) -> None:
     try:
         result = run(cfg, on_epoch=on_epoch)
         tracker.finish_trial(run_id, result, result.get("model_path"))
-    except SystemExit:  # Tune stopped the trial at a report (tune.scheduler, or the sweep ending): not a failure
-        tracker.end_stopped(run_id)
+    except SystemExit as e:
+        if e.code in (0, None):  # Tune stopped the trial at a report (tune.scheduler): not a failure
+            tracker.end_stopped(run_id)
+        else:
+            tracker.fail_trial(run_id, e)
         raise
     except BaseException as e:
         tracker.fail_trial(run_id, e)
