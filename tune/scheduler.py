@@ -168,19 +168,28 @@ class BudgetStopper(FIFOScheduler):
     def debug_string(self) -> str:
         return f"BudgetStopper: {len(self.stopped)} trials stopped early"
 
+    # ---- MLflow
+    def _tracker(self, retry_s: float | None = None):
+        from tune.tracking import Tracker
+
+        uri, experiment_id, _ = self.tracking  # type: ignore[misc]
+        return Tracker(uri, experiment_id=experiment_id, retry_s=retry_s)
+
+    def _trial_runs(self, tracker, trial_id: str, status: str | None = None) -> list:
+        from tune.tracking import TAG_SWEEP, TAG_TRIAL
+
+        return tracker.find_runs(f"tags.`{TAG_TRIAL}` = '{trial_id}'", f"tags.`{TAG_SWEEP}` = '{self.tracking[2]}'",
+                                 status=status)
+
     # ---- the task guard on finished references
     def _check_reference(self, task: str, method: str, trial_id: str) -> None:
         """The selector's guard on a finished reference trial's run; once every method's reference of the task
         is checked and none is learned, the task's other trials stop at their next rung."""
         if self.tracking is None or (task, method) in self.reference_learned:
             return
-        from tune.tracking import TAG_SWEEP, TAG_TRIAL, Tracker
-
-        uri, experiment_id, sweep = self.tracking
         try:
-            tracker = Tracker(uri, experiment_id=experiment_id, retry_s=10)
-            runs = tracker.find_runs(f"tags.`{TAG_TRIAL}` = '{trial_id}'", f"tags.`{TAG_SWEEP}` = '{sweep}'",
-                                     status="FINISHED")
+            tracker = self._tracker(retry_s=10)
+            runs = self._trial_runs(tracker, trial_id, status="FINISHED")
             if runs:
                 self._record_guard(tracker, task, method, runs[0])
         except Exception as e:  # noqa: BLE001 - without the guard the scheduler only stops less
@@ -203,7 +212,6 @@ class BudgetStopper(FIFOScheduler):
                 "; the selector picks nothing for this task"
             log.warning("task %s is not learned by its reference(s): its other trials stop at their next rung", task)
 
-    # ---- MLflow
     def _mark(self, trial_id: str, epoch: int, reason: str) -> None:
         """Tag the trial's run as stopped early and end it KILLED, from the driver: with reused actors Ray parks
         the stopped trial's worker, whose thread may never reach its own ``end_stopped``. A short deadline: the
@@ -212,28 +220,25 @@ class BudgetStopper(FIFOScheduler):
             return
         from mlflow.entities import RunTag
 
-        from tune.tracking import TAG_SWEEP, TAG_TRIAL, Tracker
-
-        uri, experiment_id, sweep = self.tracking
         tags = [RunTag(TAG_STOPPED, "true"), RunTag(TAG_STOPPED_EPOCH, str(epoch)),
                 RunTag(TAG_STOP_REASON, reason[:500])]
         try:
-            tracker = Tracker(uri, experiment_id=experiment_id, retry_s=2)
-            for r in tracker.find_runs(f"tags.`{TAG_TRIAL}` = '{trial_id}'", f"tags.`{TAG_SWEEP}` = '{sweep}'"):
+            tracker = self._tracker(retry_s=2)
+            for r in self._trial_runs(tracker, trial_id):
                 run_id = r.info.run_id
                 tracker._retry(lambda: tracker.client.log_batch(run_id, tags=tags), "tag stopped run")
-                tracker._retry(lambda: tracker.client.set_terminated(run_id, status="KILLED"), "end stopped run")
+                tracker.end_stopped(run_id)
         except Exception as e:  # noqa: BLE001 - the decision stands; reconcile closes the run in any case
             log.warning("could not mark trial %s as stopped early: %s", trial_id, e)
 
     def _load_history(self) -> None:
         """The epochs that trials of this sweep logged before a resume (from MLflow)."""
-        from tune.tracking import TAG_METHOD, TAG_ROLE, TAG_SWEEP, TAG_TASK, TAG_TRIAL, Tracker
+        from tune.tracking import TAG_ROLE, TAG_SWEEP
 
         self._loaded = True
-        uri, experiment_id, sweep = self.tracking  # type: ignore[misc]
+        sweep = self.tracking[2]  # type: ignore[index]
         try:
-            tracker = Tracker(uri, experiment_id=experiment_id)
+            tracker = self._tracker()
             runs = tracker.find_runs(f"tags.`{TAG_ROLE}` = 'trial'", f"tags.`{TAG_SWEEP}` = '{sweep}'")
         except Exception as e:  # noqa: BLE001 - without history the resumed sweep only stops less
             log.warning("could not read the sweep's epoch history back from MLflow: %s", e)
