@@ -30,7 +30,7 @@ import torch
 from finegates.export import build_compressed, check_align, load_compressed
 from finegates.gated_model import apply_gates
 from finegates.latency import make_inputs, time_models, torch_threads
-from finegates.train import embedded_model_dir, load_base
+from finegates.train import load_base, resolve_model
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 KERNELS = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "other", -1: "error"}
@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="CPU threads")
+    p.add_argument("--model", default=None, help="model dir (default: the embedded all-MiniLM-L6-v2)")
     p.add_argument("--smoke-test", action="store_true", help="tiny CPU run that checks everything works")
     a = p.parse_args(argv)
     if a.smoke_test:
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--aligns: {e}")
     t0 = time.perf_counter()
     with torch_threads(a.threads if not cuda else None):
-        _, dense = load_base(embedded_model_dir(), 2, ("negative", "positive"))
+        _, dense = load_base(resolve_model(a.model), 2, ("negative", "positive"))
         dense = dense.float().eval()
         records = build_models(a, dense, aligns)
     cfg = dense.config

@@ -1,11 +1,14 @@
 """Training throughput: samples/s of FineGates beside peft LoRA (and full finetuning), same model,
-same data, same batch size, CPU. Methods run in interleaved rounds; we report the median.
+same data, same batch size, on the CPU or a GPU (bf16 autocast there, as `finegates.train` trains).
+Methods run in interleaved rounds; we report the median and the min-max over rounds.
 
     python benchmarks/throughput.py --threads 2 --batch 16 --steps 8 --rounds 5
+    python benchmarks/throughput.py --device cuda --batch 32 --steps 30 --rounds 7
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -15,7 +18,7 @@ from torch.utils.data import DataLoader
 from finegates.config import TrainConfig
 from finegates.gated_model import count_parameters
 from finegates.methods import get_method
-from finegates.train import _collator, embedded_model_dir, load_base
+from finegates.train import _collator, load_base, resolve_model
 from tasks import get_task, load_task_data
 
 VARIANTS = {
@@ -34,40 +37,61 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8, help="steps per round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--model", default=None, help="model dir (default: the embedded all-MiniLM-L6-v2)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast, fp16 where bf16 is missing)")
     a = p.parse_args()
+    if a.device not in ("cpu", "cuda"):
+        p.error(f"--device: {a.device!r} is not valid; accepted: cpu, cuda")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available here; accepted: cpu")
+    device = torch.device(a.device)
+    cuda = device.type == "cuda"
+    half = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
     torch.set_num_threads(a.threads)
+    model_dir = resolve_model(a.model)
     task = get_task("sst2")
-    tok, _ = load_base(embedded_model_dir(), 2, task.label_names)
+    tok, _ = load_base(model_dir, 2, task.label_names)
     data = load_task_data(task, tok, max_train=a.batch * a.steps, max_eval=8, seed=0, max_length=a.max_length)
-    batches = list(DataLoader(data.train, batch_size=a.batch, collate_fn=_collator(tok)))
+    batches = [{k: v.to(device) for k, v in b.items()}
+               for b in DataLoader(data.train, batch_size=a.batch, collate_fn=_collator(tok))]
     setups = {}
     for name, kw in VARIANTS.items():
         cfg = TrainConfig(task="sst2", lam=1.0, **kw)
-        _, model = load_base(embedded_model_dir(), 2, task.label_names)
+        _, model = load_base(model_dir, 2, task.label_names)
         method = get_method(cfg.method)
-        model = method.prepare(model, cfg, 100)
+        model = method.prepare(model, cfg, 100).to(device)
         opt = torch.optim.AdamW(method.param_groups(model, cfg))
         setups[name] = (model.train(), method, opt, count_parameters(model)[1])
     rates: dict[str, list[float]] = {n: [] for n in setups}
-    for _ in range(a.rounds):
+    amp = torch.autocast("cuda", dtype=half) if cuda else contextlib.nullcontext()
+    for rnd in range(a.rounds + 1):  # round 0 warms up (kernels, allocator) and is not counted
         for name, (model, method, opt, _) in setups.items():
+            if cuda:
+                torch.cuda.synchronize()
             t0 = time.perf_counter()
             for step, b in enumerate(batches):
-                loss = model(**b).loss
-                reg = method.regularizer(model, step)
+                with amp:
+                    loss = model(**b).loss
+                    reg = method.regularizer(model, step)
                 (loss if reg is None else loss + reg).backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 method.after_step()
-            rates[name].append(a.batch * len(batches) / (time.perf_counter() - t0))
-    lora = statistics.median(rates["peft LoRA r=8 (q, v)"])
-    print(f"SST-2, MiniLM, CPU {a.threads} threads, batch {a.batch}, {len(batches)} steps/round, "
-          f"median of {a.rounds} interleaved rounds")
-    print("| method | trainable params | samples/s | vs LoRA |")
+            if cuda:
+                torch.cuda.synchronize()
+            if rnd:
+                rates[name].append(a.batch * len(batches) / (time.perf_counter() - t0))
+    lora = rates["peft LoRA r=8 (q, v)"]
+    where = (f"{torch.cuda.get_device_name(device)}, {str(half).split('.')[-1]} autocast" if cuda
+             else f"CPU {a.threads} threads")
+    print(f"SST-2, MiniLM, {where}, torch {torch.__version__}, batch {a.batch} x {a.max_length} tokens, "
+          f"{len(batches)} steps/round, median (min-max) of {a.rounds} interleaved rounds after one warm-up round")
+    print("| method | trainable params | samples/s | vs LoRA (per-round ratios) |")
     print("|---|---:|---:|---:|")
     for name, r in rates.items():
-        m = statistics.median(r)
-        print(f"| {name} | {setups[name][3]:,} | {m:.1f} | {m / lora:.2f}x |")
+        ratios = [x / y for x, y in zip(r, lora)]
+        print(f"| {name} | {setups[name][3]:,} | {statistics.median(r):.1f} ({min(r):.1f}-{max(r):.1f}) | "
+              f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) |")
 
 
 if __name__ == "__main__":

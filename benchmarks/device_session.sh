@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The GPU checks of issues 9 and 10 in one call of a lent GPU machine (docs/BENCHMARKS.md, docs/COMPRESSION.md).
+#
+#   bash benchmarks/device_session.sh [--smoke] <carry dir> <out dir> [deadline seconds, default 560]
+#
+# <carry dir> holds model/ (the embedded MiniLM's config and tokenizer files, weights as fp16 in
+# model16.safetensors: 45 MB, so that it travels) and glue/<task>/<split>.parquet for the 7 tasks; made here by
+#   bash benchmarks/device_session.sh --prepare .devcarry     (with $FINEGATES_GLUE_DIR set; .devcarry ignored by git)
+# and sent with the device tool's run: command `bash benchmarks/device_session.sh .devcarry $OUT`, carry [".devcarry"].
+# Order: the timings first, on an otherwise idle GPU (export speedup, train step), then the compression
+# frontier (several training processes share the GPU) until the deadline (seconds from the start: the device
+# tool allows 600 per command). Each part has its own time limit, and every finished frontier run is already
+# in the JSONL, so a part that is stopped still leaves its results in <out dir>.
+set -u
+if [ "${1:-}" = "--prepare" ]; then  # run here (CPU machine): fill the carry dir
+    C=${2:?carry dir}; mkdir -p "$C/model" "$C/glue"
+    M=$(python -c "import finegates.train as t; print(t.embedded_model_dir())") || exit 1
+    for f in config.json special_tokens_map.json tokenizer.json tokenizer_config.json vocab.txt; do cp "$M/$f" "$C/model/"; done
+    for t in sst2 mrpc rte stsb cola qnli mnli; do
+        mkdir -p "$C/glue/$t"; cp "${FINEGATES_GLUE_DIR:?}/$t/train.parquet" "$FINEGATES_GLUE_DIR/$t"/validation*.parquet "$C/glue/$t/"
+    done
+    python - "$M" "$C" <<'EOF'
+import sys
+from safetensors.torch import load_file, save_file
+sd = load_file(f"{sys.argv[1]}/model.safetensors")
+save_file({k: v.half().contiguous() if v.is_floating_point() else v for k, v in sd.items()},
+          f"{sys.argv[2]}/model/model16.safetensors")
+EOF
+    exit $?
+fi
+# --smoke: the same steps on this CPU machine at tiny sizes (about 3 minutes), to check the script before a GPU call
+DEV=cuda; EXPORT_ARGS=(); STEP_ARGS=(--batch 32 --steps 30 --rounds 7); FRONTIER_ARGS=(--protocol gpu)
+if [ "${1:-}" = "--smoke" ]; then
+    shift; DEV=cpu; EXPORT_ARGS=(--smoke-test); STEP_ARGS=(--batch 4 --steps 2 --rounds 1); FRONTIER_ARGS=(--smoke-test)
+fi
+C=$(realpath "${1:?carry dir}"); OUT=$(realpath "${2:?out dir}"); DEADLINE=${3:-560}
+CONFIGS=${FRONTIER_CONFIGS:-lora,fg-40-kd,fgl-40-kd,fg-0-kd,fg-60-kd,full}
+export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 FINEGATES_GLUE_DIR=$C/glue
+MODEL=/tmp/finegates-minilm
+mkdir -p "$MODEL" && cp "$C"/model/*.json "$C"/model/vocab.txt "$MODEL"/
+python3 - "$C" "$MODEL" <<'EOF' || exit 1
+import sys
+from safetensors.torch import load_file, save_file
+sd = load_file(f"{sys.argv[1]}/model/model16.safetensors")
+save_file({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, f"{sys.argv[2]}/model.safetensors")
+EOF
+{ date -u; git log -1 --format='commit %H' 2>/dev/null; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv;
+  python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"; } \
+  2>&1 | tee "$OUT/device.txt"
+t0=$SECONDS
+for closure in scattered equal; do
+    timeout 150 python3 benchmarks/export_speedup.py --device $DEV --model "$MODEL" --closure "$closure" "${EXPORT_ARGS[@]}" \
+        2>&1 | tee "$OUT/export_speedup_$closure.txt"
+done
+echo "export speedup: $((SECONDS - t0)) s"; t0=$SECONDS
+timeout 120 python3 benchmarks/throughput.py --device $DEV --model "$MODEL" "${STEP_ARGS[@]}" \
+    2>&1 | tee "$OUT/throughput_gpu.txt"
+echo "train step: $((SECONDS - t0)) s"; t0=$SECONDS
+rm -rf /tmp/finegates-teachers
+FT=$((DEADLINE - SECONDS)); echo "frontier: $FT s left"
+timeout "$FT" python3 benchmarks/compression_frontier.py "${FRONTIER_ARGS[@]}" --model "$MODEL" --data-dir "$C/glue" \
+    --jsonl "$OUT/frontier-gpu.jsonl" --teacher-cache /tmp/finegates-teachers --jobs "${FRONTIER_JOBS:-10}" \
+    --configs "$CONFIGS" > "$OUT/frontier.log" 2>&1
+echo "frontier: rc $? in $((SECONDS - t0)) s, $(wc -l < "$OUT/frontier-gpu.jsonl") rows"
+python3 benchmarks/compression_frontier.py "${FRONTIER_ARGS[@]}" --jsonl "$OUT/frontier-gpu.jsonl" --table-only \
+    --configs "$CONFIGS" 2>&1 | tee "$OUT/frontier_table.txt"
