@@ -132,8 +132,13 @@ def table(rows: list[dict], configs: list[str], tasks: list[str]) -> str:
     by = defaultdict(list)
     for r in ok:
         by[(r["config"], r["task"])].append(r)
-    # teacher cost per task: the run that trained it, amortised over that task's teacher-using rows
-    teacher_time = {r["task"]: r["teacher_train_time_s"] for r in ok if r.get("teacher_reused") is False}
+    # teacher cost per task: the runs that trained one (one per training subset, i.e. per seed), amortised over
+    # that task's teacher-using rows
+    trained = defaultdict(list)  # task -> [(teacher score, teacher training s)]
+    for r in ok:
+        if r.get("teacher_reused") is False:
+            trained[r["task"]].append((r["teacher_score"], r["teacher_train_time_s"]))
+    teacher_time = {t: sum(s for _, s in v) for t, v in trained.items()}
     kd_rows = defaultdict(int)
     for r in ok:
         if r.get("teacher_train_time_s") is not None:
@@ -155,11 +160,11 @@ def table(rows: list[dict], configs: list[str], tasks: list[str]) -> str:
         lines.append(f"| {c} | " + " | ".join(cells) + f" | {statistics.mean(means):.3f}{'' if complete else ' (partial)'}"
                      f" | {100 * statistics.mean(sps):.0f}% | {statistics.mean(times):.0f} |" if means else
                      f"| {c} | " + " | ".join(cells) + " | - | - | - |")
-    if teacher_time:
+    if trained:
         lines.append("")
-        lines.append("Teachers (LoRA r8, lr 1e-3, same data): " + ", ".join(
-            f"{t} {next(r['teacher_score'] for r in ok if r['task'] == t and r.get('teacher_score') is not None):.3f}"
-            f" in {s:.0f} s (shared by {kd_rows[t]} runs)" for t, s in sorted(teacher_time.items())))
+        lines.append("Teachers (LoRA r8, lr 1e-3, same data; one per seed's training subset): " + ", ".join(
+            f"{t} " + " / ".join(f"{sc:.3f}" for sc, _ in v) + " in " + " + ".join(f"{s:.0f}" for _, s in v)
+            + f" s (shared by {kd_rows[t]} runs)" for t, v in sorted(trained.items())))
     devices = sorted({f"{r.get('device')} {r.get('precision')}" for r in ok})
     lines.append(f"\nscore / exported sparsity; mean ± std over seeds where there are several; devices: {', '.join(devices)}")
     return "\n".join(lines)
@@ -207,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.table_only:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         run_all(a, out)
-    rows = load(out, settings(a))
+    rows = [r for r in load(out, settings(a)) if r["seed"] in a.seeds]
     if not rows:
         print(f"error: no rows with these settings in {out}", file=sys.stderr)
         return 1

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import torch
 
 from finegates.export import build_compressed, check_align, load_compressed
 from finegates.gated_model import apply_gates
-from finegates.latency import make_inputs, time_models, torch_threads
+from finegates.latency import make_inputs, speedup_stats, time_samples, torch_threads
 from finegates.train import load_base, resolve_model
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -165,8 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     print("max |logit diff| of each export vs its source model (fp32, batch with padding): "
           + ", ".join(f"{r['name']}: {r['diff']:.1e}" for r in records))
     print()
-    print("| precision | batch | model | align | removed | latency ms | speedup | ideal (FLOPs) | measured / ideal "
-          "| layout FLOPs | SDPA kernel |")
+    print("| precision | batch | model | align | removed | latency ms | speedup (q25-q75) | ideal (FLOPs) "
+          "| measured / ideal | layout FLOPs | SDPA kernel |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for pr in precisions:
         amp = PRECISIONS[pr]
@@ -175,19 +176,21 @@ def main(argv: list[str] | None = None) -> None:
             inputs = make_inputs(B, a.length, cfg.vocab_size, device=device)
             T = B * a.length
             f_dense = flops(full, cfg.hidden_size, T, a.length, B)
-            lat = time_models(models, inputs, repeats=a.repeats, warmup=a.warmup,
-                              threads=None if cuda else a.threads, autocast=amp)
-            d = lat["dense (HF)"]
-            print(f"| {pr} | {B} | dense (HF) | - | 0.0% | {d:.2f} | 1.00 | 1.00 | - | 1.00 | "
+            samples = time_samples(models, inputs, repeats=a.repeats, warmup=a.warmup,
+                                   threads=None if cuda else a.threads, autocast=amp)
+            dense_ms = samples["dense (HF)"]
+            print(f"| {pr} | {B} | dense (HF) | - | 0.0% | {statistics.median(dense_ms):.2f} | 1.00 | 1.00 | - | 1.00 | "
                   f"{sdpa_kernels(full, dh, a.length, device, kdtype)} |")
             for r in records:
                 ideal = f_dense / flops(r["minimal"], cfg.hidden_size, T, a.length, B)
                 layout = f_dense / flops(r["model"].config.layers, cfg.hidden_size, T, a.length, B)
-                s = d / lat[r["name"]]
+                st = speedup_stats(dense_ms, samples[r["name"]])  # per-round ratios: median and quartiles
+                s = st["speedup"]
                 kern = sdpa_kernels(r["model"].config.layers, dh, a.length, device, kdtype)
                 print(f"| {pr} | {B} | exported {r['label']} | {r['align']} | "
-                      f"{1 - r['stats'].gated_params_after / dense_gated:.1%} | "
-                      f"{lat[r['name']]:.2f} | {s:.2f} | {ideal:.2f} | {s / ideal:.2f} | {layout:.2f} | {kern} |")
+                      f"{1 - r['stats'].gated_params_after / dense_gated:.1%} | {st['latency_ms']:.2f} | "
+                      f"{s:.2f} ({st['speedup_q25']:.2f}-{st['speedup_q75']:.2f}) | {ideal:.2f} | {s / ideal:.2f} | "
+                      f"{layout:.2f} | {kern} |")
     print(f"\n(total {time.perf_counter() - t0:.0f} s)")
     if not all(math.isfinite(r["diff"]) and r["diff"] <= 1e-3 for r in records):
         raise SystemExit("an export does not reproduce its source model's logits")

@@ -37,13 +37,6 @@ def make_inputs(batch: int, length: int, vocab_size: int, seed: int = 0,
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
 
 
-def time_models(models: dict[str, nn.Module], inputs: dict[str, torch.Tensor], repeats: int = 10,
-                warmup: int = 2, threads: int | None = None, autocast: torch.dtype | None = None
-                ) -> dict[str, float]:
-    """Median milliseconds of one forward pass per model."""
-    return {k: statistics.median(v) for k, v in time_samples(models, inputs, repeats, warmup, threads, autocast).items()}
-
-
 @torch.inference_mode()
 def time_samples(models: dict[str, nn.Module], inputs: dict[str, torch.Tensor], repeats: int = 10,
                  warmup: int = 2, threads: int | None = None, autocast: torch.dtype | None = None
