@@ -8,7 +8,8 @@ then select, per task and budget, the best compressed model.
 
 Caveats:
 * Defaults follow the hardware: with ``--gpus-per-trial 0`` (the default) trials are sized for a
-  small CPU machine (256 train examples, 3 epochs, 3 trials per task); with GPUs (``--scale gpu``,
+  small CPU machine (256 train examples, 3 epochs, 5 trials per task, 3 with ``--scheduler none``:
+  early stopping pays for the other two); with GPUs (``--scale gpu``,
   implied by ``--gpus-per-trial > 0``) 2000 train examples, 5 epochs, 12 trials per task. Every size
   option overrides its default.
 * The sweep's results live in ``--storage``/``--experiment`` (Ray), in the MLflow experiment of
@@ -45,10 +46,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("tune.run")
 
 SCALES = {
-    "cpu": dict(trials_per_task=3, max_train=256, max_eval=300, epochs=3.0, latency_repeats=5),
+    # 5 trials per task on a CPU fit the ~20 minutes that 3 took before early stopping (docs/BENCHMARKS.md);
+    # with --scheduler none the CPU default stays 3 (UNSCHEDULED_TRIALS)
+    "cpu": dict(trials_per_task=5, max_train=256, max_eval=300, epochs=3.0, latency_repeats=5),
     "gpu": dict(trials_per_task=12, max_train=2000, max_eval=None, epochs=5.0, latency_repeats=20),
     "smoke": dict(trials_per_task=2, **SMOKE_SIZES),  # the same per-run preset as finegates.train --smoke-test
 }
+UNSCHEDULED_TRIALS = {"cpu": 3}  # default trials per task when every trial runs all its epochs
 SMOKE_TASKS = "sst2,rte"
 #: registered models of a --smoke-test sweep are named finegates-<task>-smoke: never a real sweep's aliases
 SMOKE_REGISTRY_SUFFIX = "-smoke"
@@ -72,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--methods", default="finegates", help="comma list of: " + ", ".join(METHOD_NAMES) + " (default: finegates)")
     a("--model", default=None, help="HF model dir or hub id (default: the embedded all-MiniLM-L6-v2)")
     a("--trials-per-task", type=int, default=None, help="trials per task and method, reference included "
-      "(default: 3 cpu, 12 gpu, 2 smoke)")
+      "(default: 5 cpu (3 with --scheduler none), 12 gpu, 2 smoke)")
     a("--max-concurrent", type=int, default=None, help="concurrent trials (default: as many as resources allow)")
     a("--cpus-per-trial", type=float, default=None, help="CPUs per trial (default: 2, or all CPUs of a local "
       "machine with fewer)")
@@ -147,8 +151,10 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     scale = "smoke" if args.smoke_test else (args.scale if args.scale != "auto" else
                                              ("gpu" if args.gpus_per_trial > 0 else "cpu"))
     sizes = dict(SCALES[scale])
-    trials = args.trials_per_task if args.trials_per_task is not None else sizes.pop("trials_per_task")
-    sizes.pop("trials_per_task", None)
+    default_trials = sizes.pop("trials_per_task")
+    if args.scheduler == "none":
+        default_trials = UNSCHEDULED_TRIALS.get(scale, default_trials)
+    trials = args.trials_per_task if args.trials_per_task is not None else default_trials
     if trials < 1:
         raise UsageError(f"--trials-per-task {trials} must be >= 1 (the first trial is the reference)")
     if not 0 < args.report_frac < 1:

@@ -72,3 +72,20 @@ def test_selector_on_a_missing_store_writes_nothing(tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no MLflow store at sqlite:///" in err[0], err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("extra,trials", [
+    ([], 5),                                         # CPU default: early stopping pays for two more trials
+    (["--scheduler", "none"], 3),                    # every trial runs all its epochs: the old default
+    (["--trials-per-task", "4"], 4),                 # an explicit value wins
+    (["--scheduler", "none", "--trials-per-task", "7"], 7),
+    (["--scale", "gpu"], 12),
+    (["--scale", "gpu", "--scheduler", "none"], 12),
+])
+def test_default_trials_per_task_follow_the_scheduler(extra, trials, tmp_path, glue_dir):
+    from tune.run import build_parser, validate
+
+    args = build_parser().parse_args(["--tasks", "sst2", "--data-dir", str(glue_dir), "--out", str(tmp_path / "out"),
+                                      "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                      "--storage", str(tmp_path / "ray"), *extra])
+    assert validate(args)["trials"] == trials
