@@ -2,7 +2,10 @@
 
 Each repeat runs ``python -m tune.run <sweep args> --scheduler budget`` and ``... --scheduler none`` with the
 same seed (so the same trial configurations: Optuna's first trials are seeded random ones), alternating which
-goes first, each in its own MLflow store, Ray storage and output folder under ``--work``. Then it prints:
+goes first, each in its own MLflow store, Ray storage and output folder under ``--work``. Without
+``--trials-per-task`` in the sweep args each arm gets tune.run's default for it: on a CPU 5 trials per task
+with the scheduler and 3 without (the comparison "more trials in the same time"); give ``--trials-per-task``
+to compare the same trials. Then it prints:
 
 * per sweep: wall time, trials run, trials stopped early, trial-epochs trained, and the sum of the trials' own
   time (Ray's ``time_total_s`` of each trial's last result: the compute the trials used);
