@@ -28,13 +28,14 @@ save_file({k: v.half().contiguous() if v.is_floating_point() else v for k, v in 
 EOF
     exit $?
 fi
-# --smoke: the same steps on this CPU machine at tiny sizes (about 3 minutes), to check the script before a GPU call
+# --smoke: the same steps on this CPU machine at tiny sizes (about 2 minutes), to check the script before a GPU call
 DEV=cuda; EXPORT_ARGS=(); STEP_ARGS=(--batch 32 --steps 30 --rounds 7); FRONTIER_ARGS=(--protocol gpu)
 if [ "${1:-}" = "--smoke" ]; then
     shift; DEV=cpu; EXPORT_ARGS=(--smoke-test); STEP_ARGS=(--batch 4 --steps 2 --rounds 1); FRONTIER_ARGS=(--smoke-test)
+    FRONTIER_JOBS=${FRONTIER_JOBS:-2}
 fi
 C=$(realpath "${1:?carry dir}"); OUT=$(realpath "${2:?out dir}"); DEADLINE=${3:-560}
-CONFIGS=${FRONTIER_CONFIGS:-lora,fg-40-kd,fgl-40-kd,fg-0-kd,fg-60-kd,full}
+CONFIGS=${FRONTIER_CONFIGS:-lora,fgl-40-kd,fg-40-kd,fg-0-kd,fgl-60-kd,fg-60-kd,full}
 export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 FINEGATES_GLUE_DIR=$C/glue
 MODEL=/tmp/finegates-minilm
 mkdir -p "$MODEL" && cp "$C"/model/*.json "$C"/model/vocab.txt "$MODEL"/
