@@ -12,6 +12,16 @@
 # tool allows 600 per command). Each part has its own time limit, and every finished frontier run is already
 # in the JSONL, so a part that is stopped still leaves its results in <out dir>.
 set -u
+convert_weights() {  # SRC DST DTYPE: a safetensors file with its floating-point tensors cast to DTYPE
+    python3 - "$@" <<'EOF'
+import sys
+import torch
+from safetensors.torch import load_file, save_file
+src, dst, dtype = sys.argv[1:]
+sd = load_file(src)
+save_file({k: v.to(getattr(torch, dtype)).contiguous() if v.is_floating_point() else v for k, v in sd.items()}, dst)
+EOF
+}
 if [ "${1:-}" = "--prepare" ]; then  # run here (CPU machine): fill the carry dir
     C=${2:?carry dir}; mkdir -p "$C/model" "$C/glue"
     M=$(python -c "import finegates.train as t; print(t.embedded_model_dir())") || exit 1
@@ -19,13 +29,7 @@ if [ "${1:-}" = "--prepare" ]; then  # run here (CPU machine): fill the carry di
     for t in sst2 mrpc rte stsb cola qnli mnli; do
         mkdir -p "$C/glue/$t"; cp "${FINEGATES_GLUE_DIR:?}/$t/train.parquet" "$FINEGATES_GLUE_DIR/$t"/validation*.parquet "$C/glue/$t/"
     done
-    python - "$M" "$C" <<'EOF'
-import sys
-from safetensors.torch import load_file, save_file
-sd = load_file(f"{sys.argv[1]}/model.safetensors")
-save_file({k: v.half().contiguous() if v.is_floating_point() else v for k, v in sd.items()},
-          f"{sys.argv[2]}/model/model16.safetensors")
-EOF
+    convert_weights "$M/model.safetensors" "$C/model/model16.safetensors" float16
     exit $?
 fi
 # --smoke: the same steps on this CPU machine at tiny sizes (about 2 minutes), to check the script before a GPU call
@@ -39,12 +43,7 @@ CONFIGS=${FRONTIER_CONFIGS:-lora,fgl-40-kd,fg-40-kd,fg-0-kd,fgl-60-kd,fg-60-kd,f
 export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 FINEGATES_GLUE_DIR=$C/glue
 MODEL=/tmp/finegates-minilm
 mkdir -p "$MODEL" && cp "$C"/model/*.json "$C"/model/vocab.txt "$MODEL"/
-python3 - "$C" "$MODEL" <<'EOF' || exit 1
-import sys
-from safetensors.torch import load_file, save_file
-sd = load_file(f"{sys.argv[1]}/model/model16.safetensors")
-save_file({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, f"{sys.argv[2]}/model.safetensors")
-EOF
+convert_weights "$C/model/model16.safetensors" "$MODEL/model.safetensors" float32 || exit 1
 { date -u; git log -1 --format='commit %H' 2>/dev/null; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv;
   python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"; } \
   2>&1 | tee "$OUT/device.txt"

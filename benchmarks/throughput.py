@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from finegates.config import TrainConfig
 from finegates.gated_model import count_parameters
+from finegates.latency import gpu_half_precision
 from finegates.methods import get_method
 from finegates.train import _collator, load_base, resolve_model
 from tasks import get_task, load_task_data
@@ -46,7 +47,7 @@ def main() -> None:
         p.error("--device cuda: no CUDA device is available here; accepted: cpu")
     device = torch.device(a.device)
     cuda = device.type == "cuda"
-    half = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
+    half_name, half = gpu_half_precision(torch.cuda.is_bf16_supported()) if cuda else (None, None)
     torch.set_num_threads(a.threads)
     model_dir = resolve_model(a.model)
     task = get_task("sst2")
@@ -82,7 +83,7 @@ def main() -> None:
             if rnd:
                 rates[name].append(a.batch * len(batches) / (time.perf_counter() - t0))
     lora = rates["peft LoRA r=8 (q, v)"]
-    where = (f"{torch.cuda.get_device_name(device)}, {str(half).split('.')[-1]} autocast" if cuda
+    where = (f"{torch.cuda.get_device_name(device)}, {half_name} autocast" if cuda
              else f"CPU {a.threads} threads")
     print(f"SST-2, MiniLM, {where}, torch {torch.__version__}, batch {a.batch} x {a.max_length} tokens, "
           f"{len(batches)} steps/round, median (min-max) of {a.rounds} interleaved rounds after one warm-up round")

@@ -218,16 +218,12 @@ class BudgetStopper(FIFOScheduler):
         driver's event loop waits on these calls; ``reconcile`` closes the run after the sweep if they fail."""
         if self.tracking is None:
             return
-        from mlflow.entities import RunTag
-
-        tags = [RunTag(TAG_STOPPED, "true"), RunTag(TAG_STOPPED_EPOCH, str(epoch)),
-                RunTag(TAG_STOP_REASON, reason[:500])]
+        tags = {TAG_STOPPED: "true", TAG_STOPPED_EPOCH: str(epoch), TAG_STOP_REASON: reason[:500]}
         try:
             tracker = self._tracker(retry_s=2)
             for r in self._trial_runs(tracker, trial_id):
-                run_id = r.info.run_id
-                tracker._retry(lambda: tracker.client.log_batch(run_id, tags=tags), "tag stopped run")
-                tracker.end_stopped(run_id)
+                tracker.tags(r.info.run_id, tags)
+                tracker.end_stopped(r.info.run_id)
         except Exception as e:  # noqa: BLE001 - the decision stands; reconcile closes the run in any case
             log.warning("could not mark trial %s as stopped early: %s", trial_id, e)
 

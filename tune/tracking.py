@@ -235,6 +235,13 @@ class Tracker:
     def tag(self, run_id: str, key: str, value: str) -> None:
         self._retry(lambda: self.client.set_tag(run_id, key, value), f"tag {key}")
 
+    def tags(self, run_id: str, tags: dict[str, str]) -> None:
+        """Several tags in one request (all or none written)."""
+        from mlflow.entities import RunTag
+
+        batch = [RunTag(k, v) for k, v in tags.items()]
+        self._retry(lambda: self.client.log_batch(run_id, tags=batch), f"tag {', '.join(tags)}")
+
     def log_epoch(self, run_id: str, metrics: dict[str, Any], step: int) -> None:
         """Log one epoch's metrics in one attempt, so that a tracking server that is away never holds up training:
         metrics that cannot be written now are kept and written with the run's next epoch or, at the latest, by
