@@ -4,6 +4,7 @@ Methods run in interleaved rounds; we report the median and the min-max over rou
 
     python benchmarks/throughput.py --threads 2 --batch 16 --steps 8 --rounds 5
     python benchmarks/throughput.py --device cuda --batch 32 --steps 30 --rounds 7
+    python benchmarks/throughput.py --threads 2 --batch 16 --steps 8 --rounds 1 --profile   # where the time goes
 """
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--model", default=None, help="model dir (default: the embedded all-MiniLM-L6-v2)")
+    p.add_argument("--profile", action="store_true", help="then profile one round of FineGates (gates only) and "
+                   "of LoRA with torch.profiler: the top operators by self time")
     p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast, fp16 where bf16 is missing)")
     a = p.parse_args()
     if a.device not in ("cpu", "cuda"):
@@ -65,21 +68,25 @@ def main() -> None:
         setups[name] = (model.train(), method, opt, count_parameters(model)[1])
     rates: dict[str, list[float]] = {n: [] for n in setups}
     amp = torch.autocast("cuda", dtype=half) if cuda else contextlib.nullcontext()
+
+    def one_round(model, method, opt) -> None:
+        for step, b in enumerate(batches):
+            with amp:
+                loss = model(**b).loss
+                reg = method.regularizer(model, step)
+            (loss if reg is None else loss + reg).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            method.after_step()
+        if cuda:
+            torch.cuda.synchronize()
+
     for rnd in range(a.rounds + 1):  # round 0 warms up (kernels, allocator) and is not counted
         for name, (model, method, opt, _) in setups.items():
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            for step, b in enumerate(batches):
-                with amp:
-                    loss = model(**b).loss
-                    reg = method.regularizer(model, step)
-                (loss if reg is None else loss + reg).backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                method.after_step()
-            if cuda:
-                torch.cuda.synchronize()
+            one_round(model, method, opt)
             if rnd:
                 rates[name].append(a.batch * len(batches) / (time.perf_counter() - t0))
     lora = rates["peft LoRA r=8 (q, v)"]
@@ -93,6 +100,16 @@ def main() -> None:
         ratios = [x / y for x, y in zip(r, lora)]
         print(f"| {name} | {setups[name][3]:,} | {statistics.median(r):.1f} ({min(r):.1f}-{max(r):.1f}) | "
               f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) |")
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        for name in ("finegates (coupled, gates only)", "peft LoRA r=8 (q, v)"):
+            with profile(activities=activities) as prof:
+                one_round(*setups[name][:3])
+            print(f"\n{name}: one round of {len(batches)} steps")
+            print(prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                            row_limit=12))
 
 
 if __name__ == "__main__":
