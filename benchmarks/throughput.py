@@ -5,6 +5,13 @@ Methods run in interleaved rounds; we report the median and the min-max over rou
     python benchmarks/throughput.py --threads 2 --batch 16 --steps 8 --rounds 5
     python benchmarks/throughput.py --device cuda --batch 32 --steps 30 --rounds 7
     python benchmarks/throughput.py --threads 2 --batch 16 --steps 8 --rounds 1 --profile   # where the time goes
+    python benchmarks/throughput.py --count-ops      # ATen ops one train step dispatches, per phase (exact)
+
+A GPU step of this small model is bound by how many ops it launches more than by FLOPs, so ``--count-ops``
+counts, for one train step of each variant, the ATen ops that do work (view-like ops, which launch no
+kernel, left out): forward, penalty, backward, optimiser. The counts are exact and the same on every
+machine, except the optimiser's: AdamW runs one multi-tensor (foreach) op per group on a GPU, one op per
+tensor on the CPU, where this counts it.
 """
 from __future__ import annotations
 
@@ -27,6 +34,8 @@ VARIANTS = {
     "finegates (coupled, gates only)": dict(method="finegates", layout="coupled"),
     "finegates (independent, paper)": dict(method="finegates", layout="independent"),
     "finegates-lora (coupled, r=8)": dict(method="finegates", layout="coupled", rank=8),
+    "finegates-lora (coupled, r=8 on q, v)": dict(method="finegates", layout="coupled", rank=8,
+                                                 extra={"lora_slots": ["q", "v"]}),
     "peft LoRA r=8 (q, v)": dict(method="lora", rank=8, lr=1e-3),
     "full finetuning": dict(method="full", lr=5e-5),
 }
@@ -43,6 +52,7 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="then profile one round of FineGates (gates only) and "
                    "of LoRA with torch.profiler: the top operators by self time")
     p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast, fp16 where bf16 is missing)")
+    p.add_argument("--count-ops", action="store_true", help="only count the ATen ops of one train step per variant")
     a = p.parse_args()
     if a.device not in ("cpu", "cuda"):
         p.error(f"--device: {a.device!r} is not valid; accepted: cpu, cuda")
@@ -81,6 +91,16 @@ def main() -> None:
         if cuda:
             torch.cuda.synchronize()
 
+    if a.count_ops:
+        print(f"ATen ops of one train step (after one warm-up step), batch {a.batch} x {a.max_length}, view-like ops "
+              f"left out; optimiser counted on {a.device}")
+        print("| method | forward | penalty | backward | forward + penalty + backward | optimiser |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for name, (model, method, opt, _) in setups.items():
+            n = count_ops(model, method, opt, batches[0], amp)
+            print(f"| {name} | {n[0]} | {n[1]} | {n[2]} | {sum(n[:3])} | {n[3]} |")
+        return
+
     for rnd in range(a.rounds + 1):  # round 0 warms up (kernels, allocator) and is not counted
         for name, (model, method, opt, _) in setups.items():
             if cuda:
@@ -110,6 +130,40 @@ def main() -> None:
             print(f"\n{name}: one round of {len(batches)} steps")
             print(prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
                                             row_limit=12))
+
+
+VIEW_OPS = {"view", "t", "transpose", "detach", "_unsafe_view", "expand", "as_strided", "split", "split_with_sizes",
+            "unsqueeze", "squeeze", "slice", "select", "permute", "alias", "unbind", "narrow"}
+
+
+def count_ops(model, method, opt, batch, amp) -> list[int]:
+    """ATen ops that do work in one train step: [forward, penalty, backward, optimiser] (after a warm-up step)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func.overloadpacket.__name__ not in VIEW_OPS
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for step in range(2):
+        c = [Count() for _ in range(4)]
+        with c[0], amp:
+            loss = model(**batch).loss
+        with c[1], amp:
+            reg = method.regularizer(model, step)
+        with c[2]:
+            (loss if reg is None else loss + reg).backward()
+        with c[3]:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            method.after_step()
+        counts = [x.n for x in c]
+    return counts
 
 
 if __name__ == "__main__":

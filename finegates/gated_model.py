@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from finegates.arch import Family, get_family
-from finegates.gates import PINNED_OPEN_MIN, Gate, GatedLinear
+from finegates.errors import ConfigError
+from finegates.gates import PINNED_OPEN_MIN, Gate, GatedLinear, evaluate_gates, p_open_all
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +60,15 @@ def base_encoder(model: nn.Module) -> nn.Module:
 
 
 def apply_gates(model: nn.Module, *, layout: str = "coupled", rank: int = 0, lora_alpha: float | None = None,
-                train_bias: bool = True, gate_init: str = "edge") -> list[LayerGates]:
+                train_bias: bool = True, gate_init: str = "edge",
+                lora_slots: tuple[str, ...] | list[str] | None = None) -> list[LayerGates]:
     """Replace the six target linears of every layer by :class:`GatedLinear` (in place) and freeze
-    everything but gates, LoRA, (optionally) the gated biases and the classification head."""
+    everything but gates, LoRA, (optionally) the gated biases and the classification head. With ``rank``
+    > 0, LoRA goes inside the gates of the ``lora_slots`` (default: every slot)."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown gate layout {layout!r}; accepted: {', '.join(LAYOUTS)}")
     fam = family_of(model)
+    check_lora_slots(fam, lora_slots)
     freeze_all_but_head(model)
     layers: list[LayerGates] = []
     meta = fam.layer_meta(model)
@@ -73,14 +77,41 @@ def apply_gates(model: nn.Module, *, layout: str = "coupled", rank: int = 0, lor
         for slot, (parent, attr) in fam.layer_modules(layer).items():
             base = getattr(parent, attr)
             row, col = fam.gate_sides(slot, layout)
-            gl = GatedLinear(base, row=row, col=col, rank=rank, lora_alpha=lora_alpha, train_bias=train_bias,
+            r = rank if lora_slots is None or slot in lora_slots else 0
+            gl = GatedLinear(base, row=row, col=col, rank=r, lora_alpha=lora_alpha, train_bias=train_bias,
                              gate_init=gate_init)
             gl.to(device=base.weight.device)
             setattr(parent, attr, gl)
             gated[slot] = gl
         layers.append(LayerGates(meta, **gated))
     model.finegates_layers = layers  # type: ignore[attr-defined]
+    model.register_forward_pre_hook(_gate_pass_begin)
+    model.register_forward_hook(_gate_pass_end, always_call=True)
     return layers
+
+
+def check_lora_slots(fam: Family, lora_slots) -> None:
+    bad = sorted(set(lora_slots or ()) - set(fam.slots))
+    if bad:
+        raise ConfigError(f"finegates option lora_slots={list(lora_slots)!r} is invalid ({', '.join(bad)}); "
+                          f"accepted: slots of {fam.name}: {', '.join(fam.slots)}")
+
+
+def _gate_pass_begin(model: nn.Module, args) -> None:
+    """Before a forward of the gated model: every gate evaluated in one chain of ops (the speed of a train
+    step on a GPU is set by how many ops it launches), cast once to the autocast dtype if autocast is on."""
+    gates = all_gates(model)
+    if not gates:
+        return
+    dev = gates[0].theta.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+    for g, z in zip(gates, evaluate_gates(gates, dtype)):
+        g.batched = z
+
+
+def _gate_pass_end(model: nn.Module, args, output) -> None:
+    for g in all_gates(model):
+        g.batched = None
 
 
 def trainable_head_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -118,16 +149,17 @@ def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def penalty_paper(model: nn.Module) -> torch.Tensor:
     """Gaussian-relaxed L0 (paper): mean over all gates of P(open)."""
-    return torch.cat([g.p_open() for g in all_gates(model)]).mean()
+    return torch.cat(p_open_all(all_gates(model))).mean()
 
 
 def penalty_code(model: nn.Module, target_sparsity: float) -> torch.Tensor:
     """Official code: per gated linear 0.5 * (|mean_r P - keep| + |mean_c P - keep|), averaged."""
     keep = 1.0 - target_sparsity
+    p = _p_open_by_gate(model)
     terms = []
     for lg in gated_layers(model):
         for _, gl in lg.items():
-            parts = [(g.p_open().mean() - keep).abs() for g in gl.gates()]
+            parts = [(p[id(g)].mean() - keep).abs() for g in gl.gates()]
             if parts:
                 terms.append(sum(parts) / len(parts))
     return torch.stack(terms).mean()
@@ -153,7 +185,14 @@ def structural_sparsity(model: nn.Module, keep_fn) -> torch.Tensor:
 
 def expected_sparsity(model: nn.Module) -> torch.Tensor:
     """Expected fraction of gated weight parameters that export removes (differentiable in the gates)."""
-    return structural_sparsity(model, lambda g: g.p_open())
+    p = _p_open_by_gate(model)
+    return structural_sparsity(model, lambda g: p[id(g)])
+
+
+def _p_open_by_gate(model: nn.Module) -> dict[int, torch.Tensor]:
+    """id(gate) -> its P(open), all computed in one chain of ops."""
+    gates = all_gates(model)
+    return {id(g): p for g, p in zip(gates, p_open_all(gates))}
 
 
 @torch.no_grad()

@@ -22,10 +22,17 @@ can no longer close (:meth:`Gate.keep_open_` after each optimiser step). That is
 kept weights go on training while the exported structure is fixed.
 
 A :class:`GatedLinear` computes ``y = z_r * ((W + s B A)(z_c * x) + b)`` for a frozen ``W`` (m x n).
+
+A model holds a few dozen gates. Evaluated one by one, each adds its own chain of small element-wise ops
+(tanh, noise, clamp, cast) to every step, and on a GPU a step of a small model is bound by how many ops it
+launches. :func:`evaluate_gates` and :func:`p_open_all` evaluate all of them in one chain instead (same
+law, one random draw for all); ``finegates.gated_model`` does that once per model forward, and
+:meth:`Gate.forward` returns the value so computed while it is set (:attr:`Gate.batched`).
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,12 +64,15 @@ class Gate(nn.Module):
         self.sigma_reg = sigma_reg
         self.register_buffer("pinned_closed", torch.zeros(size, dtype=torch.bool), persistent=False)
         self.pinned = False
+        self.batched: torch.Tensor | None = None  # this gate's slice of an evaluate_gates pass, while one runs
 
     @property
     def mu(self) -> torch.Tensor:
         return torch.tanh(self.theta)
 
     def forward(self) -> torch.Tensor:  # (size,)
+        if self.batched is not None:
+            return self.batched
         mu = self.mu
         if self.training:
             mu = mu + self.noise_std * torch.randn_like(mu)
@@ -99,6 +109,44 @@ class Gate(nn.Module):
 
     def extra_repr(self) -> str:
         return f"size={self.theta.numel()}"
+
+
+def _uniform(gates: Sequence[Gate]) -> bool:
+    g0 = gates[0]
+    return all(g.training == g0.training and g.noise_std == g0.noise_std and g.sigma_reg == g0.sigma_reg
+               and g.theta.device == g0.theta.device for g in gates)
+
+
+def evaluate_gates(gates: Sequence[Gate], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """What each gate's :meth:`Gate.forward` returns, computed in one chain of ops over all the gates
+    (one noise draw for all of them while training), optionally cast to ``dtype`` once. Gates that differ
+    in mode, noise, sigma or device are evaluated one by one."""
+    if not gates:
+        return []
+    if not _uniform(gates):
+        return [g() if dtype is None else g().to(dtype) for g in gates]
+    g0 = gates[0]
+    mu = torch.tanh(torch.cat([g.theta for g in gates]))
+    if g0.training:
+        mu = mu + torch.randn_like(mu).mul_(g0.noise_std)
+    z = torch.clamp(mu + 0.5, 0.0, 1.0)
+    if any(g.pinned for g in gates):
+        z = z.masked_fill(torch.cat([g.pinned_closed if g.pinned else torch.zeros_like(g.pinned_closed)
+                                     for g in gates]), 0.0)
+    if dtype is not None and dtype != z.dtype:
+        z = z.to(dtype)
+    return list(z.split([g.theta.numel() for g in gates]))
+
+
+def p_open_all(gates: Sequence[Gate]) -> list[torch.Tensor]:
+    """Every gate's :meth:`Gate.p_open`, computed in one chain of ops over all the gates."""
+    if not gates:
+        return []
+    if not _uniform(gates):
+        return [g.p_open() for g in gates]
+    mu = torch.tanh(torch.cat([g.theta for g in gates]))
+    p = 0.5 * (1.0 + torch.erf((mu + 0.5) / (gates[0].sigma_reg * math.sqrt(2.0))))
+    return list(p.split([g.theta.numel() for g in gates]))
 
 
 class GatedLinear(nn.Module):

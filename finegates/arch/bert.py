@@ -75,15 +75,18 @@ class Bert(Family):
         """A Q/K dimension j survives iff Q-row j and K-row j are open; a V/O dimension iff V-row j and
         O-column j; an FFN neuron iff up-row j and down-column j. Each survivor keeps 2 * hidden weights."""
         h = lg.q.in_features
-        ref = lg.q.weight
 
-        def k(gate, size: int) -> torch.Tensor:
-            return keep(gate) if gate is not None else ref.new_ones(size)
+        def both(a, b, size: int) -> torch.Tensor | float:
+            """sum over units of keep(a) * keep(b); a missing gate keeps all (no op spent on a ones vector)."""
+            ka = None if a is None else keep(a)
+            kb = None if b is None else keep(b)
+            if ka is None and kb is None:
+                return float(size)
+            return (ka if kb is None else kb if ka is None else ka * kb).sum()
 
-        pq, pk = k(lg.q.row_gate, lg.q.out_features), k(lg.k.row_gate, lg.k.out_features)
-        pv, po = k(lg.v.row_gate, lg.v.out_features), k(lg.o.col_gate, lg.o.in_features)
-        pu, pd = k(lg.up.row_gate, lg.up.out_features), k(lg.down.col_gate, lg.down.in_features)
-        kept = 2 * h * ((pq * pk).sum() + (pv * po).sum()) + 2 * lg.up.in_features * (pu * pd).sum()
+        kept = (2 * h * (both(lg.q.row_gate, lg.k.row_gate, lg.q.out_features)
+                         + both(lg.v.row_gate, lg.o.col_gate, lg.v.out_features))
+                + 2 * lg.up.in_features * both(lg.up.row_gate, lg.down.col_gate, lg.up.out_features))
         return kept, sum(gl.weight.numel() for _, gl in lg.items())
 
     # ---- export

@@ -5,9 +5,9 @@ import torch
 from scipy.stats import norm
 from torch import nn
 
-from finegates.gated_model import (SparsityController, apply_gates, count_parameters, expected_sparsity,
+from finegates.gated_model import (SparsityController, all_gates, apply_gates, count_parameters, expected_sparsity,
                                    gate_sparsity, penalty_code, penalty_paper)
-from finegates.gates import Gate, GatedLinear
+from finegates.gates import Gate, GatedLinear, evaluate_gates, p_open_all
 
 
 def test_saturated_init_matches_the_official_code():
@@ -283,3 +283,68 @@ def test_speedup_spread_comes_from_interleaved_rounds():
     assert st["speedup_q25"] <= 2.0 <= st["speedup_q75"] and st["speedup_q25"] < st["speedup_q75"]
     two = speedup_stats(dense=[10.0, 12.0], exported=[5.0, 20.0])  # ratios 2 and 0.6: no extrapolation
     assert 0.6 <= two["speedup_q25"] <= two["speedup"] <= two["speedup_q75"] <= 2.0
+
+
+def _gated_tiny_bert(layout="independent"):
+    m = _tiny_bert()
+    apply_gates(m, layout=layout)
+    with torch.no_grad():
+        for g in all_gates(m):
+            g.theta.copy_(torch.randn_like(g.theta))  # gates open, fractional and closed
+    return m
+
+
+def test_batched_gate_values_follow_the_law_of_the_one_by_one_values():
+    torch.manual_seed(0)
+    m = _gated_tiny_bert()
+    gates = all_gates(m)
+    gates[0].pin()  # a pinned gate's closed units stay exactly 0 in the batch too
+    m.eval()
+    for g, z in zip(gates, evaluate_gates(gates)):
+        assert torch.equal(z, g())
+    m.train()
+    torch.manual_seed(3)
+    batched = torch.cat(evaluate_gates(gates))
+    torch.manual_seed(3)
+    mu = torch.tanh(torch.cat([g.theta for g in gates]))
+    expect = torch.clamp(mu + 0.5 + 0.1 * torch.randn_like(mu), 0, 1)
+    expect[: gates[0].theta.numel()].masked_fill_(gates[0].pinned_closed, 0.0)
+    assert torch.allclose(batched, expect, atol=1e-6)
+    assert not torch.equal(batched, torch.cat(evaluate_gates(gates)))  # a fresh draw per evaluation
+    for g, p in zip(gates, p_open_all(gates)):
+        assert torch.allclose(p, g.p_open(), atol=1e-7)
+    assert [z.dtype for z in evaluate_gates(gates, torch.bfloat16)] == [torch.bfloat16] * len(gates)
+
+
+def _count(fn, op: str) -> int:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += str(func.overloadpacket) == op
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+def test_a_forward_evaluates_all_gates_in_one_chain_and_forgets_them_after():
+    torch.manual_seed(0)
+    m = _gated_tiny_bert().train()
+    x = torch.randint(0, 50, (2, 8))
+    # clamp appears only in the gates: one for all of them (one by one it would be one per gate)
+    assert _count(lambda: m(input_ids=x).logits.sum().backward(), "aten.clamp") == 1
+    assert all(g.batched is None for g in all_gates(m))
+    assert sum(int(g.theta.grad.abs().sum() > 0) for g in all_gates(m)) == len(all_gates(m))  # the task reaches every gate
+    m.eval()
+    with torch.no_grad():
+        a = m(input_ids=x).logits
+        b = m.forward(input_ids=x).logits  # no hooks: each gate evaluated on its own
+    assert torch.equal(a, b)
+    with pytest.raises(Exception):
+        m(input_ids=torch.full((2, 8), 10_000))  # out of the vocabulary: the forward fails midway
+    assert all(g.batched is None for g in all_gates(m))  # and the gate values are not left behind
+    assert _count(lambda: expected_sparsity(m), "aten.erf") == 1
