@@ -50,6 +50,11 @@ CONFIGS: dict[str, list[str]] = {
     "fgl-0-kd": ["--method", "finegates-lora", "--target-sparsity", "0", "--teacher", "lora", "--lr", "1e-3"],
     "fgl-40-kd": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "lora", "--lr", "1e-3"],
     "fgl-60-kd": ["--method", "finegates-lora", "--target-sparsity", "0.6", "--teacher", "lora", "--lr", "1e-3"],
+    # fglqv-<t>: FineGates-LoRA with LoRA inside the gates of Q and V only (peft LoRA's placement, a third of the cost)
+    "fglqv-40-kd": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "lora", "--lr", "1e-3",
+                    "--option", 'lora_slots=["q","v"]'],
+    "fglqv-60-kd": ["--method", "finegates-lora", "--target-sparsity", "0.6", "--teacher", "lora", "--lr", "1e-3",
+                    "--option", 'lora_slots=["q","v"]'],
 }
 PROTOCOLS = {
     "gpu": dict(tasks="sst2,mrpc,rte,stsb,cola,qnli,mnli", max_train=10000, epochs=3, batch_size=32, max_length=128,

@@ -39,7 +39,10 @@ if [ "${1:-}" = "--smoke" ]; then
     FRONTIER_JOBS=${FRONTIER_JOBS:-2}
 fi
 C=$(realpath "${1:?carry dir}"); OUT=$(realpath "${2:?out dir}"); DEADLINE=${3:-560}
-CONFIGS=${FRONTIER_CONFIGS:-lora,fgl-40-kd,fg-40-kd,fg-0-kd,fgl-60-kd,fg-60-kd,full}
+# session 7's choice for the next GPU: the new cheaper FineGates-LoRA (LoRA in the Q and V gates) beside the
+# configs it must beat, on two seeds (runs go seed by seed, so the first seed completes first)
+CONFIGS=${FRONTIER_CONFIGS:-lora,fglqv-40-kd,fgl-40-kd,fg-40-kd}
+SEEDS=${FRONTIER_SEEDS:-1948,7}
 export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 FINEGATES_GLUE_DIR=$C/glue
 MODEL=/tmp/finegates-minilm
 mkdir -p "$MODEL" && cp "$C"/model/*.json "$C"/model/vocab.txt "$MODEL"/
@@ -60,7 +63,7 @@ rm -rf /tmp/finegates-teachers
 FT=$((DEADLINE - SECONDS)); echo "frontier: $FT s left"
 timeout "$FT" python3 benchmarks/compression_frontier.py "${FRONTIER_ARGS[@]}" --model "$MODEL" --data-dir "$C/glue" \
     --jsonl "$OUT/frontier-gpu.jsonl" --teacher-cache /tmp/finegates-teachers --jobs "${FRONTIER_JOBS:-10}" \
-    --configs "$CONFIGS" > "$OUT/frontier.log" 2>&1
+    --configs "$CONFIGS" --seeds "$SEEDS" > "$OUT/frontier.log" 2>&1
 echo "frontier: rc $? in $((SECONDS - t0)) s, $(wc -l < "$OUT/frontier-gpu.jsonl") rows"
 python3 benchmarks/compression_frontier.py "${FRONTIER_ARGS[@]}" --jsonl "$OUT/frontier-gpu.jsonl" --table-only \
-    --configs "$CONFIGS" 2>&1 | tee "$OUT/frontier_table.txt"
+    --configs "$CONFIGS" --seeds "$SEEDS" 2>&1 | tee "$OUT/frontier_table.txt"

@@ -159,13 +159,15 @@ class SpartaLinear(nn.Module):
 
 
 class PropulsionLinear(nn.Module):
-    """``y = (W x + b) * z ** degree`` with a trainable z (ones at init)."""
+    """``y = (W x + b) * z ** degree`` with a trainable z (ones at init), and b trainable if ``train_bias``."""
 
-    def __init__(self, base: nn.Linear, degree: int) -> None:
+    def __init__(self, base: nn.Linear, degree: int, train_bias: bool = False) -> None:
         super().__init__()
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
+        if train_bias and base.bias is not None:
+            base.bias.requires_grad_(True)
         self.degree = degree
         self.z = nn.Parameter(torch.ones(base.out_features))
         self.in_features, self.out_features = base.in_features, base.out_features

@@ -50,6 +50,7 @@ class TrainConfig:
     train_bias: bool = True
     # optimisation
     lr: float = 2e-3  # head (and LoRA) learning rate
+    head_lr: float | None = None  # the classification head's own learning rate (None: the method's lr)
     gate_lr: float = 5e-2  # gate learning rate
     dual_lr: float = 0.15  # controller: learning rate of its multipliers (docs/COMPRESSION.md)
     warmup_frac: float = 0.4  # controller: fraction of steps over which the target ramps up from 0
@@ -128,6 +129,8 @@ class TrainConfig:
             raise bad("teacher", self.teacher, ", ".join(TEACHERS))
         if not finite(self.distill_temperature) or self.distill_temperature <= 0:
             raise bad("distill_temperature", self.distill_temperature, "a finite number > 0")
+        if self.head_lr is not None and (not finite(self.head_lr) or self.head_lr <= 0):
+            raise bad("head_lr", self.head_lr, "a finite number > 0, or none for the method's lr")
         if self.teacher_lr is not None and (not finite(self.teacher_lr) or self.teacher_lr <= 0):
             raise bad("teacher_lr", self.teacher_lr, "a finite number > 0, or none for the method's default")
         for name in ("batch_size", "max_length", "latency_batch", "latency_length", "latency_repeats"):

@@ -174,6 +174,20 @@ def evaluate_checkpoint(model_dir: str | os.PathLike, cfg: TrainConfig, part: st
         return predict(model, loader, device, task.is_regression)
 
 
+def with_head_lr(groups: list[dict], model: nn.Module, head_modules: list[str], head_lr: float,
+                 weight_decay: float) -> list[dict]:
+    """The optimiser groups with the classification head taken out into its own group at ``head_lr``: one
+    head policy for every method. The head is found by module name (``head_modules``: BERT's classifier
+    and pooler, Llama's score), which holds in a peft wrapper too (its trained copies sit under the same names)."""
+    names = set(head_modules)
+    head = {id(p) for n, p in model.named_parameters() if p.requires_grad and names & set(n.split("."))}
+    if not head:
+        raise ValueError(f"no trainable head parameters under {sorted(names)}: cannot give the head its own lr")
+    out = [g | {"params": rest} for g in groups if (rest := [p for p in g["params"] if id(p) not in head])]
+    return out + [{"params": [p for g in groups for p in g["params"] if id(p) in head], "lr": head_lr,
+                   "weight_decay": weight_decay}]
+
+
 def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool = False) -> dict[str, Any]:
     """Train, export, evaluate and time one configuration; return its result (JSON-serialisable)."""
     from accelerate import Accelerator
@@ -193,6 +207,7 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool 
     # ---- data and model
     tokenizer, model = load_base(model_path, task.num_labels, task.label_names)
     get_family(model)  # a hub model of an unsupported family stops here, before any training
+    method.check(model, cfg)  # and so do method options that do not fit it
     data = load_task_data(task, tokenizer, data_dir=cfg.data_dir, max_train=cfg.max_train, max_eval=cfg.max_eval,
                           seed=cfg.subset_seed, max_length=cfg.max_length, eval_part=cfg.eval_part,
                           report_frac=cfg.report_frac)
@@ -221,9 +236,13 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool 
     acc = Accelerator(cpu=not cuda, mixed_precision=precision)
     calibration = [collate(data.train[i:i + cfg.batch_size]) for i in range(0, min(len(data.train), 4 * cfg.batch_size),
                                                                             cfg.batch_size)]
+    head_modules = get_family(model).lora_modules_to_save(model)
     model = method.prepare(model, cfg, total_steps, calibration)
     _, params_trainable = count_parameters(model)
-    opt = torch.optim.AdamW(method.param_groups(model, cfg))
+    groups = method.param_groups(model, cfg)
+    if cfg.head_lr is not None:
+        groups = with_head_lr(groups, model, head_modules, cfg.head_lr, cfg.weight_decay)
+    opt = torch.optim.AdamW(groups)
     model, opt, train_loader = acc.prepare(model, opt, train_loader)
     device = acc.device
 
@@ -386,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "none, lora, full (trained once, cached in --teacher-cache)")
     p.add_argument("--distill-alpha", type=float, default=d.distill_alpha, help="weight of the distillation loss")
     p.add_argument("--distill-temperature", type=float, default=d.distill_temperature)
+    p.add_argument("--head-lr", type=float, default=None,
+                   help="learning rate of the classification head, the same for every method (default: the method's --lr)")
     p.add_argument("--teacher-lr", type=float, default=None, help="teacher learning rate (default: lora 1e-3, full 5e-5)")
     p.add_argument("--teacher-cache", default=None,
                    help="teacher cache dir (default: $FINEGATES_TEACHER_CACHE or ~/.cache/finegates/teachers)")

@@ -7,6 +7,7 @@ validation and the sweep's search spaces (tune/space.py) all read this registry.
 from __future__ import annotations
 
 from finegates.methods.base import Choice, LogUniform, Method, NoOptions, Range, Uniform
+from finegates.methods.bitfit import BitFit
 from finegates.methods.finegates import FineGates, FineGatesLora
 from finegates.methods.full import Full
 from finegates.methods.gift_sw import GiftSW
@@ -21,6 +22,7 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (
     Sparta,
     Propulsion,
     Lora,
+    BitFit,
     Full,
 )}
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
@@ -41,6 +43,6 @@ def methods_help() -> str:
     return "; ".join(f"{n}: {m.help}" for n, m in METHODS.items())
 
 
-__all__ = ["METHODS", "METHOD_NAMES", "Choice", "FineGates", "FineGatesLora", "Full", "GiftSW", "LogUniform", "Lora",
+__all__ = ["METHODS", "METHOD_NAMES", "BitFit", "Choice", "FineGates", "FineGatesLora", "Full", "GiftSW", "LogUniform", "Lora",
            "Method", "NoOptions", "Propulsion", "Range", "Sparta", "Uniform", "get_method", "get_method_class",
            "methods_help"]

@@ -107,6 +107,9 @@ class Method(ABC):
             check()
         return opts
 
+    def check(self, model: nn.Module, cfg: "TrainConfig") -> None:
+        """Refuse, with a ConfigError, options that do not fit this model (called before any training)."""
+
     @abstractmethod
     def prepare(self, model: nn.Module, cfg: "TrainConfig", total_steps: int,
                 calibration: list[dict] | None = None) -> nn.Module:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from finegates import gated_model as gm
+from finegates.errors import ConfigError
 from finegates.export import DEFAULT_ALIGN
 from finegates.methods.base import Choice, LogUniform, Method, Uniform
 
@@ -24,6 +25,17 @@ if TYPE_CHECKING:
     from finegates.config import TrainConfig
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class FineGatesOptions:
+    # the slots that get LoRA inside their gates when rank > 0 (None: every gated slot). ["q", "v"] is
+    # peft LoRA's placement on BERT, at a third of the LoRA cost of all six (docs/BENCHMARKS.md)
+    lora_slots: tuple[str, ...] | None = None
+
+    def check(self) -> None:
+        if self.lora_slots is not None and not self.lora_slots:
+            raise ConfigError("finegates option lora_slots=[] is invalid; accepted: a non-empty list of slots")
 
 
 class FineGates(Method):
@@ -38,6 +50,7 @@ class FineGates(Method):
 
     name = "finegates"
     help = "stochastic row/column gates, exported physically smaller (prunes)"
+    Options = FineGatesOptions
     search = {"target_sparsity": Uniform(0.1, 0.8), "lr": LogUniform(3e-4, 1e-2), "rank": Choice((0, 4, 8))}
     reference = {"target_sparsity": 0.0, "lr": 2e-3, "rank": 0}
     reference_name = "dense reference (target sparsity 0)"
@@ -56,11 +69,15 @@ class FineGates(Method):
             return cfg.target_sparsity > 0
         return cfg.lam > 0
 
+    def check(self, model: nn.Module, cfg: "TrainConfig") -> None:
+        gm.check_lora_slots(gm.family_of(model), self.parse_options(cfg.extra).lora_slots)
+
     def prepare(self, model: nn.Module, cfg: "TrainConfig", total_steps: int,
                 calibration: list[dict] | None = None) -> nn.Module:
         self.cfg, self.model = cfg, model
+        opts = self.parse_options(cfg.extra)
         gm.apply_gates(model, layout=cfg.layout, rank=cfg.rank, lora_alpha=cfg.lora_alpha, train_bias=cfg.train_bias,
-                       gate_init=cfg.gate_init)
+                       gate_init=cfg.gate_init, lora_slots=opts.lora_slots)
         if cfg.penalty == "controller" and self.penalised(cfg):
             dev = next(model.parameters()).device
             self.controller = gm.SparsityController(cfg.target_sparsity, int(cfg.warmup_frac * total_steps)).to(dev)

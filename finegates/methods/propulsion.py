@@ -12,10 +12,12 @@ from finegates.methods.base import Choice, LogUniform, Method
 class PropulsionOptions:
     degree: int = 15
     targets: tuple[str, ...] | None = None  # slots; None: every slot of the family
+    train_bias: bool = True  # the official code trains the biases of the targeted linears too
 
 
 class Propulsion(Method):
-    """Propulsion: outputs of the frozen Q, K, V, O, up, down scaled by ``z ** degree`` (default 15)."""
+    """Propulsion: outputs of the frozen Q, K, V, O, up, down scaled by ``z ** degree`` (default 15); their
+    biases train too (``train_bias``, as the official code does: issue 11), so that its row compares with FineGates'."""
 
     name = "propulsion"
     help = "Propulsion: trainable output scales z**degree on the frozen linears (dense)"
@@ -29,5 +31,5 @@ class Propulsion(Method):
 
         opts = self.parse_options(cfg.extra)
         gm.freeze_all_but_head(model)
-        _replace(model, opts.targets, lambda lin, i, s: PropulsionLinear(lin, opts.degree))
+        _replace(model, opts.targets, lambda lin, i, s: PropulsionLinear(lin, opts.degree, opts.train_bias))
         return model

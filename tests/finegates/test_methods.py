@@ -38,8 +38,10 @@ def expected_trainable(name: str) -> int:
         return L * sum(o * 4 for _, o in lin.values()) + HEAD
     if name == "sparta":  # density 0.25 of W_v and W_o
         return L * 2 * round(0.25 * H * H) + HEAD
-    if name == "propulsion":  # one z per output of each linear
-        return L * bias_out + HEAD
+    if name == "propulsion":  # one z per output of each linear, and its bias (the official code trains both)
+        return L * 2 * bias_out + HEAD
+    if name == "bitfit":  # every bias: the six linears, two LayerNorms per layer, the embeddings' LayerNorm
+        return L * (bias_out + 2 * H) + H + HEAD
     if name == "full":
         return sum(p.numel() for p in tiny().parameters())
     raise AssertionError(name)
@@ -60,6 +62,31 @@ def prepared(name: str, model=None):
 def test_trainable_count_from_formula(name):
     model, _, _ = prepared(name)
     assert count_parameters(model)[1] == expected_trainable(name)
+
+
+def test_finegates_lora_slots_put_lora_inside_the_named_gates_only():
+    from finegates.gated_model import gated_layers
+
+    model = get_method("finegates-lora").prepare(tiny(), TrainConfig(method="finegates-lora",
+                                                                     extra={"lora_slots": ["q", "v"]}), 10)
+    ranks = {s: gl.rank for s, gl in gated_layers(model)[0].items()}
+    assert ranks == {"q": 8, "k": 0, "v": 8, "o": 0, "up": 0, "down": 0}
+    lora_qv = L * 2 * 8 * (H + H)  # r * (in + out) on q and v: what peft LoRA trains there
+    assert count_parameters(model)[1] == expected_trainable("finegates") + lora_qv
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_head_lr_gives_every_method_the_same_head_policy(name):
+    from finegates.train import with_head_lr
+
+    model, method, cfg = prepared(name)
+    groups = with_head_lr(method.param_groups(model, cfg), model, ["classifier", "pooler"], 3e-4, 0.0)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grouped = [p for g in groups for p in g["params"]]
+    assert len(grouped) == len(trainable) and {id(p) for p in grouped} == {id(p) for p in trainable}
+    head = groups[-1]
+    assert head["lr"] == 3e-4 and sum(p.numel() for p in head["params"]) == HEAD  # pooler + classifier, once
+    assert all(g["lr"] != 3e-4 for g in groups[:-1])
 
 
 @pytest.mark.parametrize("name", METHOD_NAMES)

@@ -13,7 +13,7 @@ CASES = [
     (["--trials-per-task", "0"], "--trials-per-task 0 must be >= 1"),
     (["--mlflow-uri", "http://127.0.0.1:9"], "MLflow tracking server 'http://127.0.0.1:9' is unreachable"),
     (["--storage", "runs/ray"], "--storage 'runs/ray' must be an absolute path or a URI"),
-    (["--methods", "finegates,bogus"], "--methods 'bogus' is invalid; accepted: finegates, finegates-lora, gift-sw, sparta, propulsion, lora, full"),
+    (["--methods", "finegates,bogus"], "--methods 'bogus' is invalid; accepted: finegates, finegates-lora, gift-sw, sparta, propulsion, lora, bitfit, full"),
     (["--gpus-per-trial", "-1"], "--gpus-per-trial -1.0 must be >= 0"),
     (["--max-train", "0"], "--max-train 0 must be > 0"),
     (["--search-space", "{bad"], "--search-space '{bad' is not a JSON object"),
