@@ -24,7 +24,8 @@ from pathlib import Path
 from tune.pareto import Point, select
 
 TASKS = "cola,sst2,mrpc,stsb,mnli,qnli,rte,wnli"  # QQP has no validation split here
-BASELINES = "finegates-lora,lora,gift-sw,sparta,propulsion,full"
+BASELINES = "finegates-lora,lora,gift-sw,sparta,propulsion,bitfit,full"
+STRICT = ("head_lr",)  # settings a row must carry itself (rows made before the setting existed lack it)
 
 
 def run_all(a: argparse.Namespace, out: Path) -> None:
@@ -62,13 +63,18 @@ def lambdas(a: argparse.Namespace) -> list[float]:
 
 
 def settings(a: argparse.Namespace) -> dict:
-    """What makes rows comparable: rows of a JSONL made with other settings are neither reused nor tabled."""
-    return {"max_train": a.max_train, "max_eval": a.max_eval, "epochs": a.epochs, "max_length": a.max_length}
+    """What makes rows comparable: rows of a JSONL made with other settings are neither reused nor tabled.
+    ``head_lr`` (one head learning rate for every method) is a setting only when given."""
+    out = {"max_train": a.max_train, "max_eval": a.max_eval, "epochs": a.epochs, "max_length": a.max_length}
+    if getattr(a, "head_lr", None) is not None:
+        out["head_lr"] = a.head_lr
+    return out
 
 
 def load(path: Path, setting: dict) -> list[dict]:
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
-    return [r for r in rows if all(r.get(k, v) == v for k, v in setting.items())]
+    return [r for r in rows if all(r.get(k, None if k in STRICT else v) == v for k, v in setting.items())
+            and all(r.get(k) is None for k in STRICT if k not in setting)]
 
 
 def rows_by_label(rows: list[dict], budgets: list[float], lambdas: list[float]) -> dict[tuple[str, str], list[dict]]:
@@ -185,6 +191,8 @@ def main() -> None:
                    help="validation subset per task and seed; 'all' for the whole split")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--head-lr", type=float, default=None,
+                   help="one learning rate for the classification head of every method (default: each method's lr)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--latency-repeats", type=int, default=3)
     p.add_argument("--jsonl", default="runs/results.jsonl")

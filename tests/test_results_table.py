@@ -27,6 +27,15 @@ def test_load_keeps_only_rows_of_the_same_setting(tmp_path):
     assert rt.load(tmp_path / "missing.jsonl", SETTING) == []
 
 
+def test_a_head_lr_setting_keeps_its_rows_apart(tmp_path):
+    p = tmp_path / "r.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in [row("lora", 0.8, 1), row("bitfit", 0.7, 1, head_lr=1e-3)]) + "\n")
+    assert [r["method"] for r in rt.load(p, SETTING)] == ["lora"]  # rows of the per-method policy
+    assert [r["method"] for r in rt.load(p, SETTING | {"head_lr": 1e-3})] == ["bitfit"]
+    a = argparse.Namespace(max_train=1000, max_eval=500, epochs=1.0, max_length=128, head_lr=1e-3)
+    assert rt.settings(a) == SETTING | {"head_lr": 1e-3}
+
+
 def test_finegates_rows_are_chosen_by_the_selector_per_seed():
     rows = []
     for seed in (1, 2):
