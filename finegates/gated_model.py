@@ -23,7 +23,7 @@ from torch import nn
 
 from finegates.arch import Family, get_family
 from finegates.errors import ConfigError
-from finegates.gates import PINNED_OPEN_MIN, Gate, GatedLinear, evaluate_gates, p_open_all
+from finegates.gates import PINNED_OPEN_MIN, Gate, GatedLinear, gate_values, p_open_all
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +99,13 @@ def check_lora_slots(fam: Family, lora_slots) -> None:
 
 def _gate_pass_begin(model: nn.Module, args) -> None:
     """Before a forward of the gated model: every gate evaluated in one chain of ops (the speed of a train
-    step on a GPU is set by how many ops it launches), cast once to the autocast dtype if autocast is on."""
+    step on a GPU is set by how many ops it launches). The cast to the activations' dtype happens inside
+    the forward, once for all gates (``Gate.value``): a pre-hook runs outside an autocast that wraps
+    ``forward`` itself, as accelerate's does."""
     gates = all_gates(model)
-    if not gates:
-        return
-    dev = gates[0].theta.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-    for g, z in zip(gates, evaluate_gates(gates, dtype)):
-        g.batched = z
+    values = gate_values(gates)
+    for i, g in enumerate(gates):
+        g.batched = (values, i)
 
 
 def _gate_pass_end(model: nn.Module, args, output) -> None:

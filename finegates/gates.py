@@ -25,9 +25,10 @@ A :class:`GatedLinear` computes ``y = z_r * ((W + s B A)(z_c * x) + b)`` for a f
 
 A model holds a few dozen gates. Evaluated one by one, each adds its own chain of small element-wise ops
 (tanh, noise, clamp, cast) to every step, and on a GPU a step of a small model is bound by how many ops it
-launches. :func:`evaluate_gates` and :func:`p_open_all` evaluate all of them in one chain instead (same
-law, one random draw for all); ``finegates.gated_model`` does that once per model forward, and
-:meth:`Gate.forward` returns the value so computed while it is set (:attr:`Gate.batched`).
+launches. :func:`gate_values` and :func:`p_open_all` evaluate all of them in one chain instead (same
+law, one random draw for all); ``finegates.gated_model`` does that once per model forward, and a gate
+returns its slice of that evaluation while it is set (:attr:`Gate.batched`), cast once for all gates to
+the dtype the first gated linear asks for (:meth:`Gate.value`): under autocast, bf16 or fp16.
 """
 from __future__ import annotations
 
@@ -64,15 +65,23 @@ class Gate(nn.Module):
         self.sigma_reg = sigma_reg
         self.register_buffer("pinned_closed", torch.zeros(size, dtype=torch.bool), persistent=False)
         self.pinned = False
-        self.batched: torch.Tensor | None = None  # this gate's slice of an evaluate_gates pass, while one runs
+        self.batched: tuple[GateValues, int] | None = None  # (a gate_values evaluation, this gate's index), while set
 
     @property
     def mu(self) -> torch.Tensor:
         return torch.tanh(self.theta)
 
+    def value(self, dtype: torch.dtype) -> torch.Tensor:
+        """``self()`` in ``dtype``; from a batched evaluation, all gates are cast in one op."""
+        if self.batched is not None:
+            values, i = self.batched
+            return values.get(i, dtype)
+        return self().to(dtype)
+
     def forward(self) -> torch.Tensor:  # (size,)
         if self.batched is not None:
-            return self.batched
+            values, i = self.batched
+            return values.get(i)
         mu = self.mu
         if self.training:
             mu = mu + self.noise_std * torch.randn_like(mu)
@@ -117,14 +126,32 @@ def _uniform(gates: Sequence[Gate]) -> bool:
                and g.theta.device == g0.theta.device for g in gates)
 
 
-def evaluate_gates(gates: Sequence[Gate], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
-    """What each gate's :meth:`Gate.forward` returns, computed in one chain of ops over all the gates
-    (one noise draw for all of them while training), optionally cast to ``dtype`` once. Gates that differ
-    in mode, noise, sigma or device are evaluated one by one."""
-    if not gates:
-        return []
-    if not _uniform(gates):
-        return [g() if dtype is None else g().to(dtype) for g in gates]
+class GateValues:
+    """One evaluation of several gates: their values concatenated, a slice per gate, cast to another dtype
+    once for all of them, on the first request for it."""
+
+    def __init__(self, z: torch.Tensor, sizes: list[int]) -> None:
+        self.z, self.sizes = z, sizes
+        self._by_dtype: dict[torch.dtype, tuple[torch.Tensor, ...]] = {z.dtype: z.split(sizes)}
+
+    def get(self, i: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or self.z.dtype
+        parts = self._by_dtype.get(dtype)
+        if parts is None:
+            parts = self._by_dtype[dtype] = self.z.to(dtype).split(self.sizes)
+        return parts[i]
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+
+def gate_values(gates: Sequence[Gate]) -> GateValues:
+    """What each gate's :meth:`Gate.forward` returns, computed in one chain of ops over all the gates (one
+    noise draw for all of them while training). Gates that differ in mode, noise, sigma or device are
+    evaluated one by one (and concatenated)."""
+    sizes = [g.theta.numel() for g in gates]
+    if not gates or not _uniform(gates):
+        return GateValues(torch.cat([g() for g in gates]) if gates else torch.zeros(0), sizes)
     g0 = gates[0]
     mu = torch.tanh(torch.cat([g.theta for g in gates]))
     if g0.training:
@@ -133,9 +160,13 @@ def evaluate_gates(gates: Sequence[Gate], dtype: torch.dtype | None = None) -> l
     if any(g.pinned for g in gates):
         z = z.masked_fill(torch.cat([g.pinned_closed if g.pinned else torch.zeros_like(g.pinned_closed)
                                      for g in gates]), 0.0)
-    if dtype is not None and dtype != z.dtype:
-        z = z.to(dtype)
-    return list(z.split([g.theta.numel() for g in gates]))
+    return GateValues(z, sizes)
+
+
+def evaluate_gates(gates: Sequence[Gate], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """:func:`gate_values` as a list of per-gate values, in ``dtype`` if given."""
+    values = gate_values(gates)
+    return [values.get(i, dtype) for i in range(len(values))]
 
 
 def p_open_all(gates: Sequence[Gate]) -> list[torch.Tensor]:
@@ -183,12 +214,12 @@ class GatedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., n) -> (..., m)
         if self.col_gate is not None:
-            x = x * self.col_gate().to(x.dtype)
+            x = x * self.col_gate.value(x.dtype)
         y = F.linear(x, self.weight, self.bias)
         if self.lora_A is not None:
             y = y + F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scaling
         if self.row_gate is not None:
-            y = y * self.row_gate().to(y.dtype)
+            y = y * self.row_gate.value(y.dtype)
         return y
 
     @torch.no_grad()

@@ -7,7 +7,7 @@ from torch import nn
 
 from finegates.gated_model import (SparsityController, all_gates, apply_gates, count_parameters, expected_sparsity,
                                    gate_sparsity, penalty_code, penalty_paper)
-from finegates.gates import Gate, GatedLinear, evaluate_gates, p_open_all
+from finegates.gates import Gate, GatedLinear, evaluate_gates, gate_values, p_open_all
 
 
 def test_saturated_init_matches_the_official_code():
@@ -314,6 +314,10 @@ def test_batched_gate_values_follow_the_law_of_the_one_by_one_values():
     for g, p in zip(gates, p_open_all(gates)):
         assert torch.allclose(p, g.p_open(), atol=1e-7)
     assert [z.dtype for z in evaluate_gates(gates, torch.bfloat16)] == [torch.bfloat16] * len(gates)
+    values = gate_values(gates)  # one cast for all gates, made when a first gate asks for the dtype
+    halves = [values.get(i, torch.bfloat16) for i in range(len(values))]
+    assert len({z.untyped_storage().data_ptr() for z in halves}) == 1
+    assert torch.equal(torch.cat(halves), values.z.to(torch.bfloat16))
 
 
 def _count(fn, op: str) -> int:
