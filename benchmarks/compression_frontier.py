@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -90,6 +91,10 @@ def one_run(a: argparse.Namespace, task: str, name: str, seed: int, cache: str) 
         if p.returncode != 0:
             return {"task": task, "config": name, "seed": seed, "error": p.stderr.strip().splitlines()[-1:]}
         r = json.loads(p.stdout)
+        if a.predictions_dir:  # the exported model's predictions on the whole evaluation set, for post-hoc analyses
+            dest = Path(a.predictions_dir) / f"{task}-{name}-{seed}.npz"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(out) / "eval_predictions.npz", dest)
     keep = ("score", "sparsity", "speedup", "params_trainable", "train_time_s", "n_train", "n_eval", "device",
             "precision", "teacher_score", "teacher_train_time_s", "teacher_reused", "gate_sparsity")
     return {"task": task, "config": name, "seed": seed, "wall_s": wall, **{k: r.get(k) for k in keep}}
@@ -192,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher-cache", default="runs/teachers")
     p.add_argument("--model", default=None, help="model dir (default: the embedded all-MiniLM-L6-v2)")
     p.add_argument("--data-dir", default=None, help="GLUE Parquet dir (default: $FINEGATES_GLUE_DIR)")
+    p.add_argument("--predictions-dir", default=None,
+                   help="keep each run's eval predictions there as <task>-<config>-<seed>.npz "
+                        "(benchmarks/heldout_coverage.py reads them)")
     p.add_argument("--table-only", action="store_true")
     p.add_argument("--smoke-test", action="store_true", help="the whole pipeline at tiny sizes (~2 min)")
     a = p.parse_args(argv)

@@ -59,11 +59,14 @@ echo "export speedup: $((SECONDS - t0)) s"; t0=$SECONDS
 timeout 120 python3 benchmarks/throughput.py --device $DEV --model "$MODEL" "${STEP_ARGS[@]}" \
     2>&1 | tee "$OUT/throughput_gpu.txt"
 echo "train step: $((SECONDS - t0)) s"; t0=$SECONDS
-rm -rf /tmp/finegates-teachers
+rm -rf /tmp/finegates-teachers /tmp/frontier-preds
 FT=$((DEADLINE - SECONDS)); echo "frontier: $FT s left"
 timeout "$FT" python3 benchmarks/compression_frontier.py "${FRONTIER_ARGS[@]}" --model "$MODEL" --data-dir "$C/glue" \
     --jsonl "$OUT/frontier-gpu.jsonl" --teacher-cache /tmp/finegates-teachers --jobs "${FRONTIER_JOBS:-10}" \
-    --configs "$CONFIGS" --seeds "$SEEDS" > "$OUT/frontier.log" 2>&1
+    --configs "$CONFIGS" --seeds "$SEEDS" --predictions-dir /tmp/frontier-preds > "$OUT/frontier.log" 2>&1
 echo "frontier: rc $? in $((SECONDS - t0)) s, $(wc -l < "$OUT/frontier-gpu.jsonl") rows"
+# one file for all the runs' whole-validation predictions (the device tool returns 8 files at most):
+# here, `tar xzf preds.tgz -C runs/preds-gpu && python benchmarks/heldout_coverage.py runs/preds-gpu`
+tar czf "$OUT/preds.tgz" -C /tmp/frontier-preds . 2>/dev/null
 python3 benchmarks/compression_frontier.py "${FRONTIER_ARGS[@]}" --jsonl "$OUT/frontier-gpu.jsonl" --table-only \
     --configs "$CONFIGS" --seeds "$SEEDS" 2>&1 | tee "$OUT/frontier_table.txt"

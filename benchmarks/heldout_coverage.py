@@ -1,0 +1,144 @@
+"""Does a pick's held-out score fall inside the interval of its selection score? (issue 11's goal: in
+>= 90% of picks). Measured on real predictions, without retraining anything.
+
+    python benchmarks/compression_frontier.py ... --predictions-dir runs/preds        # whole-validation predictions
+    python benchmarks/heldout_coverage.py runs/preds [--splits 20] [--report-frac 0.5] [--budgets 0.01,0.02,0.05]
+
+The frontier's runs are scored on whole validation sets, and ``--predictions-dir`` keeps each run's
+predictions (``<task>-<config>-<seed>.npz``). The runs of one task and seed share their examples, so
+they stand for the trials of one sweep. For each of ``--splits`` split seeds, this script does what a
+sweep does with its evaluation set (docs/SELECTION.md):
+
+1. it splits the examples into a selection part and a report part, seeded and stratified
+   (``tasks.data.split_eval``, the sweep's own split);
+2. on the selection part it computes each run's score and 95% bootstrap interval, and applies the
+   selector: the guard on the reference (the best run), then the paired rule at each budget
+   (``tune.stats``, ``tune.pareto.select``);
+3. it scores the pick once on the report part.
+
+It prints, per task, how often the report score lies inside the selection interval. It gives this for
+the picks, which carry the winner's curse, and for every run, which does not.
+The split seeds are not independent draws of data, since every split reuses the same validation set.
+Read the spread across tasks and seeds, not only the pooled figure.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+
+def load_groups(folder: Path) -> dict[tuple[str, int], dict[str, dict[str, np.ndarray]]]:
+    """(task, seed) -> config -> {predictions, labels}, from ``<task>-<config>-<seed>.npz`` files."""
+    groups: dict[tuple[str, int], dict[str, dict[str, np.ndarray]]] = defaultdict(dict)
+    for f in sorted(folder.glob("*.npz")):
+        task, rest = f.stem.split("-", 1)
+        config, seed = rest.rsplit("-", 1)
+        with np.load(f) as z:
+            groups[(task, int(seed))][config] = {"predictions": z["predictions"], "labels": z["labels"]}
+    return groups
+
+
+def coverage(runs: dict[str, dict[str, np.ndarray]], task_name: str, split_seed: int, report_frac: float,
+             budgets: list[float], resamples: int) -> tuple[list[bool], list[tuple[float, str, bool]], bool]:
+    """One split of one (task, seed): (report inside the selection interval, per run), ([budget, pick,
+    inside] per budget with a pick), learned (the reference passes the guard)."""
+    from tasks import compute_metrics, get_task
+    from tasks.data import split_eval
+    from tune.pareto import Point, select
+    from tune.stats import Bootstrap
+
+    task = get_task(task_name)
+    labels = next(iter(runs.values()))["labels"]
+    if any(not np.array_equal(r["labels"], labels) for r in runs.values()):
+        raise SystemExit(f"error: {task_name}: the runs were not scored on the same examples; accepted: runs of "
+                         "one protocol and seed")
+    sel, rep = split_eval(task, labels, report_frac, split_seed)
+    bs = Bootstrap(task, labels[sel], n_resamples=resamples)
+    scores = {c: bs.scores(r["predictions"][sel]) for c, r in runs.items()}
+    intervals = {c: bs.interval(r["predictions"][sel]) for c, r in runs.items()}
+    report = {c: float(compute_metrics(task, r["predictions"][rep], labels[rep])["score"]) for c, r in runs.items()}
+    inside = {c: intervals[c].low <= report[c] <= intervals[c].high for c in runs}
+    # sparsity is not in the predictions; the selector's tie-break only needs an order, so configs that
+    # name a target (…-40-…) rank by it
+    points = [Point(c, intervals[c].estimate, _target(c)) for c in runs]
+    ref = max(points, key=lambda p: (p.score, p.sparsity))
+    learned = bs.guard(runs[ref.id]["predictions"][sel], scores=scores[ref.id]).learned
+    picks = []
+    if learned:
+        diff_low = {c: bs.difference(runs[c]["predictions"][sel], runs[ref.id]["predictions"][sel], scores[c],
+                                     scores[ref.id]).low for c in runs}
+        for b in budgets:
+            chosen = select(points, b, rule="paired", diff_low=diff_low).chosen
+            if chosen is not None:
+                picks.append((b, chosen.id, inside[chosen.id]))
+    return [inside[c] for c in runs], picks, learned
+
+
+def _target(config: str) -> float:
+    for part in config.split("-"):
+        if part.isdigit():
+            return int(part) / 100
+    return 0.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("predictions", help="folder of <task>-<config>-<seed>.npz (compression_frontier --predictions-dir)")
+    p.add_argument("--splits", type=int, default=20, help="split seeds per task and seed")
+    p.add_argument("--report-frac", type=float, default=0.5)
+    p.add_argument("--budgets", default="0.01,0.02,0.05")
+    p.add_argument("--resamples", type=int, default=1000)
+    a = p.parse_args(argv)
+    folder = Path(a.predictions)
+    if not folder.is_dir() or not any(folder.glob("*.npz")):
+        print(f"error: {a.predictions!r} holds no <task>-<config>-<seed>.npz; accepted: a --predictions-dir of "
+              "benchmarks/compression_frontier.py", file=sys.stderr)
+        return 2
+    if a.splits < 1:
+        print(f"error: --splits {a.splits} is invalid; accepted: an integer >= 1", file=sys.stderr)
+        return 2
+    if not 0 < a.report_frac < 1:
+        print(f"error: --report-frac {a.report_frac} is invalid; accepted: a number in (0, 1)", file=sys.stderr)
+        return 2
+    budgets = [float(b) for b in a.budgets.split(",") if b.strip()]
+    groups = load_groups(folder)
+    print(f"{len(groups)} task x seed groups from {folder}; {a.splits} split seeds each, report fraction "
+          f"{a.report_frac:g}, 95% bootstrap intervals ({a.resamples} resamples), budgets {a.budgets}")
+    print("| task | seed | runs | examples | learned (of splits) | every run: report inside | picks | picks: report inside |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    all_runs, all_picks, per_group = [], [], []
+    for (task, seed), runs in sorted(groups.items()):
+        ins, pk, n_learned = [], [], 0
+        for k in range(a.splits):
+            i, picks, learned = coverage(runs, task, k, a.report_frac, budgets, a.resamples)
+            ins += i
+            pk += [x[2] for x in picks]
+            n_learned += learned
+        all_runs += ins
+        all_picks += pk
+        if pk:
+            per_group.append(sum(pk) / len(pk))
+        n = len(next(iter(runs.values()))["labels"])
+        pick_cell = f"{sum(pk) / len(pk):.0%} ({sum(pk)}/{len(pk)})" if pk else "-"
+        print(f"| {task} | {seed} | {len(runs)} | {n} | {n_learned}/{a.splits} | {sum(ins) / len(ins):.0%} "
+              f"({sum(ins)}/{len(ins)}) | {len(pk)} | {pick_cell} |")
+    if all_runs:
+        print(f"\nevery run: report score inside its selection interval in {sum(all_runs) / len(all_runs):.1%} "
+              f"({sum(all_runs)}/{len(all_runs)})")
+    if all_picks:
+        spread = (f"; per task and seed {min(per_group):.0%}-{max(per_group):.0%}, median "
+                  f"{statistics.median(per_group):.0%}" if len(per_group) > 1 else "")
+        print(f"picks: report score inside its selection interval in {sum(all_picks) / len(all_picks):.1%} "
+              f"({sum(all_picks)}/{len(all_picks)}){spread}")
+    else:
+        print("picks: none (no task and seed passed the guard)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
