@@ -43,6 +43,6 @@ def methods_help() -> str:
     return "; ".join(f"{n}: {m.help}" for n, m in METHODS.items())
 
 
-__all__ = ["METHODS", "METHOD_NAMES", "BitFit", "Choice", "FineGates", "FineGatesLora", "Full", "GiftSW", "LogUniform", "Lora",
-           "Method", "NoOptions", "Propulsion", "Range", "Sparta", "Uniform", "get_method", "get_method_class",
+__all__ = ["METHODS", "METHOD_NAMES", "BitFit", "Choice", "FineGates", "FineGatesLora", "Full", "GiftSW", "LogUniform",
+           "Lora", "Method", "NoOptions", "Propulsion", "Range", "Sparta", "Uniform", "get_method", "get_method_class",
            "methods_help"]
