@@ -352,3 +352,31 @@ def test_a_forward_evaluates_all_gates_in_one_chain_and_forgets_them_after():
         m(input_ids=torch.full((2, 8), 10_000))  # out of the vocabulary: the forward fails midway
     assert all(g.batched is None for g in all_gates(m))  # and the gate values are not left behind
     assert _count(lambda: expected_sparsity(m), "aten.erf") == 1
+
+
+def test_training_with_batched_gates_is_training_with_gates_one_by_one():
+    """Dropout off, so only the gates draw: the one noise draw of the batched pass is the same numbers as
+    the per-gate draws, and 12 steps (controller, pin at step 8, LoRA inside) end bit-identical."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from finegates import TrainConfig, get_method
+
+    def train(batched: bool):
+        torch.manual_seed(0)
+        cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=32, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        tc = TrainConfig(method="finegates", target_sparsity=0.4, teacher="none", rank=4, warmup_frac=0.3)
+        method = get_method("finegates")
+        model = method.prepare(BertForSequenceClassification(cfg), tc, 12)
+        opt = torch.optim.AdamW(method.param_groups(model, tc))
+        x, y = torch.randint(1, 50, (4, 8), generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 1, 0])
+        for step in range(12):
+            out = model(input_ids=x, labels=y) if batched else model.forward(input_ids=x, labels=y)  # forward: no hooks
+            reg = method.regularizer(model, step)
+            (out.loss if reg is None else out.loss + reg).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            method.after_step()
+        return torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
+
+    assert torch.equal(train(batched=True), train(batched=False))
