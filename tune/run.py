@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--batch-size", type=int, default=16, help="default: 16")
     a("--max-length", type=int, default=None, help="max tokens per example (default: 128)")
     a("--gate-lr", type=float, default=None, help="gate learning rate (default: finegates' default)")
+    a("--head-lr", type=float, default=None, help="one learning rate for the classification head of every method "
+      "and trial (default: each trial's searched --lr trains its head too)")
     a("--teacher", default=None, choices=["none", "lora", "full"], help="distil every trial from a dense teacher "
       "finetuned on the task's data, trained once per task (and node) and cached in <out>/teachers "
       "(default: finegates' default)")
@@ -183,7 +185,7 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("max_train", "max_eval"):
         if getattr(args, name) is not None:
             sizes[name] = parse_count(getattr(args, name), "--" + name.replace("_", "-"))
-    for name in ("epochs", "max_length", "gate_lr", "teacher"):
+    for name in ("epochs", "max_length", "gate_lr", "head_lr", "teacher"):
         if getattr(args, name) is not None:
             sizes[name] = getattr(args, name)
     train = dict(model=model, data_dir=str(data_dir) if data_dir else None, batch_size=args.batch_size,

@@ -23,6 +23,7 @@ CASES = [
     (["--search-space", '{"k": [8, 64]}'], "search space key 'k' is unknown; accepted: lr, rank, target_sparsity"),
     (["--model", "/no/such/model"], "model path '/no/such/model' does not exist"),
     (["--seeds", "0"], "--seeds 0 is invalid; accepted: an integer >= 1"),
+    (["--head-lr", "0"], "head_lr=0.0 is invalid; accepted: a finite number > 0, or none for the method's lr"),
     (["--report-frac", "1.5"], "--report-frac 1.5 is out of range; accepted: a number in (0, 1)"),
     (["--report-frac", "0"], "--report-frac 0 is out of range"),
     (["--tasks", "rte", "--max-eval", "30"], "task 'rte': its evaluation set of 30 examples is too small to split at "
