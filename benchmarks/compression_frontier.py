@@ -11,6 +11,12 @@ it). Each finished run is appended to the JSONL at once, so a stopped benchmark 
 once per task and cached (finegates/distill.py); their training time is shown, and amortised over the
 rows of the task that used them.
 
+The dense baselines of the sweep (``gift-sw``, ``sparta``, ``propulsion``, ``bitfit``) are configs too, each at
+its registry reference, so that the GPU protocol can also make issue 11's fair table (docs/RESULTS.md):
+``--head-lr`` gives every config one head learning rate (its rows are kept apart from rows without it),
+``--per-seed`` prints one row per config and seed (every cell one model) with cells at chance level marked,
+and ``--predictions-dir`` keeps each run's predictions for benchmarks/heldout_coverage.py.
+
 Protocols (the issue's):
   gpu: sst2 mrpc rte stsb cola qnli mnli; up to 10,000 train examples, 3 epochs, batch 32, length 128,
        whole validation sets, bf16 autocast; 6 processes on the one GPU.
@@ -57,6 +63,26 @@ CONFIGS: dict[str, list[str]] = {
     "fglqv-60-kd": ["--method", "finegates-lora", "--target-sparsity", "0.6", "--teacher", "lora", "--lr", "1e-3",
                     "--option", 'lora_slots=["q","v"]'],
 }
+
+
+def _reference_flags(method: str) -> list[str]:
+    """finegates.train flags of a method's reference configuration (tune/space.py's first trial)."""
+    import dataclasses
+
+    from finegates.config import TrainConfig
+    from finegates.methods import get_method_class
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    flags = ["--method", method]
+    for k, v in get_method_class(method).reference.items():
+        flags += [f"--{k.replace('_', '-')}", str(v)] if k in fields else ["--option", f"{k}={json.dumps(v)}"]
+    return flags
+
+
+# the other dense baselines of the sweep, each at its reference configuration (issue 11's fair field)
+for _m in ("gift-sw", "sparta", "propulsion", "bitfit"):
+    CONFIGS[_m] = _reference_flags(_m)
+
 PROTOCOLS = {
     "gpu": dict(tasks="sst2,mrpc,rte,stsb,cola,qnli,mnli", max_train=10000, epochs=3, batch_size=32, max_length=128,
                 jobs=6, threads=2, configs="full,lora,fg-0-kd,fg-40-kd,fg-60-kd,fgl-40-kd"),
@@ -68,13 +94,18 @@ PROTOCOLS = {
 
 
 def settings(a: argparse.Namespace) -> dict:
-    return {"max_train": a.max_train, "max_eval": a.max_eval, "epochs": a.epochs, "batch_size": a.batch_size,
-            "max_length": a.max_length}
+    """What makes rows comparable; ``head_lr`` (one head learning rate for every method) only when given."""
+    out = {"max_train": a.max_train, "max_eval": a.max_eval, "epochs": a.epochs, "batch_size": a.batch_size,
+           "max_length": a.max_length}
+    if getattr(a, "head_lr", None) is not None:
+        out["head_lr"] = a.head_lr
+    return out
 
 
 def load(path: Path, setting: dict) -> list[dict]:
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
-    return [r for r in rows if all(r.get(k) == v for k, v in setting.items())]
+    return [r for r in rows if all(r.get(k) == v for k, v in setting.items())
+            and r.get("head_lr") == setting.get("head_lr")]
 
 
 def one_run(a: argparse.Namespace, task: str, name: str, seed: int, cache: str) -> dict:
@@ -83,6 +114,7 @@ def one_run(a: argparse.Namespace, task: str, name: str, seed: int, cache: str) 
                "--max-train", str(a.max_train), "--max-eval", str(a.max_eval or "all"), "--epochs", str(a.epochs),
                "--batch-size", str(a.batch_size), "--max-length", str(a.max_length), "--threads", str(a.threads),
                "--latency-repeats", "3", "--teacher-cache", cache, "--output-dir", out, *CONFIGS[name]]
+        cmd += ["--head-lr", str(a.head_lr)] if getattr(a, "head_lr", None) is not None else []
         cmd += ["--model", a.model] if a.model else []
         cmd += ["--data-dir", a.data_dir] if a.data_dir else []
         t0 = time.perf_counter()
@@ -96,7 +128,7 @@ def one_run(a: argparse.Namespace, task: str, name: str, seed: int, cache: str) 
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(Path(out) / "eval_predictions.npz", dest)
     keep = ("score", "sparsity", "speedup", "params_trainable", "train_time_s", "n_train", "n_eval", "device",
-            "precision", "teacher_score", "teacher_train_time_s", "teacher_reused", "gate_sparsity")
+            "precision", "teacher_score", "teacher_train_time_s", "teacher_reused", "gate_sparsity", "trivial_score")
     return {"task": task, "config": name, "seed": seed, "wall_s": wall, **{k: r.get(k) for k in keep}}
 
 
@@ -180,6 +212,40 @@ def table(rows: list[dict], configs: list[str], tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
+def per_seed_table(rows: list[dict], configs: list[str], tasks: list[str]) -> str:
+    """One row per config and seed, each cell one trained model (no averages of different models). A cell
+    whose score is not clearly above its task's trivial predictor (majority class or constant mean, on the
+    same examples; the selector's fallback guard: more than 2 x 1/sqrt(n) above it) is marked "(chance)"."""
+    from tasks import get_task
+    from tune.stats import fallback_guard
+
+    ok = {(r["config"], r["task"], r["seed"]): r for r in rows if "error" not in r}
+    seeds = sorted({r["seed"] for r in rows})
+    lines = ["| config | seed | " + " | ".join(tasks) + " | mean score |", "|" + "---|" * (len(tasks) + 3)]
+    trivial = {}
+    for c in configs:
+        for seed in seeds:
+            cells, scores = [], []
+            for t in tasks:
+                r = ok.get((c, t, seed))
+                if r is None:
+                    cells.append("-")
+                    continue
+                trivial.setdefault((t, seed), r.get("trivial_score"))
+                learned = fallback_guard(r["score"], r.get("trivial_score"), r.get("n_eval"), get_task(t)).learned
+                mark = " (chance)" if learned is False else ""
+                sparsity = f" / {100 * r['sparsity']:.0f}%" if r.get("sparsity") else ""
+                cells.append(f"{r['score']:.3f}{sparsity}{mark}")
+                scores.append(r["score"])
+            if scores:
+                mean = f"{statistics.mean(scores):.3f}" + ("" if len(scores) == len(tasks) else " (partial)")
+                lines.append(f"| {c} | {seed} | " + " | ".join(cells) + f" | {mean} |")
+    for seed in seeds:
+        cells = [f"{trivial[(t, seed)]:.3f}" if trivial.get((t, seed)) is not None else "-" for t in tasks]
+        lines.append(f"| trivial predictor | {seed} | " + " | ".join(cells) + " | |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--protocol", choices=tuple(PROTOCOLS), default="cpu")
@@ -200,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--predictions-dir", default=None,
                    help="keep each run's eval predictions there as <task>-<config>-<seed>.npz "
                         "(benchmarks/heldout_coverage.py reads them)")
+    p.add_argument("--head-lr", type=float, default=None,
+                   help="one classification-head learning rate for every config (rows made with it are kept apart)")
+    p.add_argument("--per-seed", action="store_true", help="also print one row per config and seed, cells at "
+                   "chance level marked")
     p.add_argument("--table-only", action="store_true")
     p.add_argument("--smoke-test", action="store_true", help="the whole pipeline at tiny sizes (~2 min)")
     a = p.parse_args(argv)
@@ -230,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no rows with these settings in {out}", file=sys.stderr)
         return 1
     print(table(rows, [c for c in a.configs.split(",") if c], a.tasks.split(",")))
+    if a.per_seed:
+        print("\nPer seed (score / exported sparsity; \"(chance)\": not clearly above the trivial predictor):\n")
+        print(per_seed_table(rows, [c for c in a.configs.split(",") if c], a.tasks.split(",")))
     errors = [r for r in rows if "error" in r]
     for r in errors:
         print(f"failed: {r['task']} {r['config']} seed {r['seed']}: {r['error']}", file=sys.stderr)

@@ -1,0 +1,47 @@
+"""benchmarks/compression_frontier.py bookkeeping (no training): the fair field's configs, the head-lr
+setting that keeps rows apart, and the per-seed table with its chance marks."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+_spec = importlib.util.spec_from_file_location("compression_frontier",
+                                               Path(__file__).parents[1] / "benchmarks" / "compression_frontier.py")
+cf = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cf)
+
+
+def test_dense_baselines_run_their_registry_reference():
+    from finegates.methods import get_method_class
+    from finegates.train import build_parser
+
+    for m in ("gift-sw", "sparta", "propulsion", "bitfit"):
+        args = build_parser().parse_args(cf.CONFIGS[m])  # flags finegates.train accepts
+        assert args.method == m and args.lr == get_method_class(m).reference["lr"]
+    assert cf.CONFIGS["sparta"][-2:] == ["--option", "density=0.01"]
+
+
+def test_a_head_lr_keeps_its_rows_apart(tmp_path):
+    a = argparse.Namespace(max_train=100, max_eval=None, epochs=3, batch_size=32, max_length=128, head_lr=None)
+    plain = cf.settings(a)
+    fair = cf.settings(argparse.Namespace(**{**vars(a), "head_lr": 1e-3}))
+    p = tmp_path / "r.jsonl"
+    p.write_text("\n".join(json.dumps({"task": "sst2", "config": c, "seed": 1, **s})
+                           for c, s in (("lora", plain), ("bitfit", fair))) + "\n")
+    assert [r["config"] for r in cf.load(p, plain)] == ["lora"]
+    assert [r["config"] for r in cf.load(p, fair)] == ["bitfit"]
+
+
+def test_per_seed_rows_are_single_models_and_chance_is_marked():
+    def row(config, seed, score, trivial, n=400, sparsity=0.0, task="sst2"):
+        return {"task": task, "config": config, "seed": seed, "score": score, "trivial_score": trivial,
+                "n_eval": n, "sparsity": sparsity}
+
+    rows = [row("lora", 1, 0.80, 0.51), row("lora", 2, 0.52, 0.51),  # 0.52: within 2/sqrt(400) = 0.1 of trivial
+            row("fg-40-kd", 1, 0.78, 0.51, sparsity=0.4), row("fg-40-kd", 2, 0.77, 0.51, sparsity=0.41)]
+    lines = cf.per_seed_table(rows, ["lora", "fg-40-kd"], ["sst2"]).splitlines()
+    assert lines[2:] == ["| lora | 1 | 0.800 | 0.800 |", "| lora | 2 | 0.520 (chance) | 0.520 |",
+                         "| fg-40-kd | 1 | 0.780 / 40% | 0.780 |", "| fg-40-kd | 2 | 0.770 / 41% | 0.770 |",
+                         "| trivial predictor | 1 | 0.510 | |", "| trivial predictor | 2 | 0.510 | |"]
