@@ -246,6 +246,58 @@ def per_seed_table(rows: list[dict], configs: list[str], tasks: list[str]) -> st
     return "\n".join(lines)
 
 
+def is_finegates(config: str) -> bool:
+    flags = CONFIGS[config]
+    return "--method" not in flags or flags[flags.index("--method") + 1] in ("finegates", "finegates-lora")
+
+
+def selector_table(rows: list[dict], configs: list[str], tasks: list[str], predictions_dir: Path,
+                   budgets: list[float], report_frac: float = 0.5) -> str:
+    """FineGates as the sweep would hand it to a user: per task and seed, the trusted selector
+    (benchmarks/heldout_coverage.py: split, guard, paired rule) over the FineGates configs' runs, each budget's
+    pick reported with its report-part score, its selection-part score and interval, its exported sparsity."""
+    import numpy as np
+
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:  # benchmarks/ is on it when this runs as a script, not when a test imports it
+        sys.path.insert(0, here)
+    from heldout_coverage import trusted_picks
+
+    ok = {(r["config"], r["task"], r["seed"]): r for r in rows if "error" not in r}
+    fg = [c for c in configs if is_finegates(c)]
+    lines = ["| FineGates, trusted selector | seed | " + " | ".join(tasks) + " | mean report score |",
+             "|" + "---|" * (len(tasks) + 3)]
+    for b in budgets:
+        for seed in sorted({r["seed"] for r in rows}):
+            cells, reports = [], []
+            for t in tasks:
+                runs, sparsity = {}, {}
+                for c in fg:
+                    f = predictions_dir / f"{t}-{c}-{seed}.npz"
+                    if (c, t, seed) in ok and f.is_file():
+                        with np.load(f) as z:
+                            runs[c] = {"predictions": z["predictions"], "labels": z["labels"]}
+                        sparsity[c] = ok[(c, t, seed)]["sparsity"]
+                if not runs:
+                    cells.append("-")
+                    continue
+                pick = trusted_picks(runs, t, seed, report_frac, [b], sparsity=sparsity)
+                c = pick["picks"].get(b)
+                if not pick["learned"]:
+                    cells.append("not learned")
+                elif c is None:
+                    cells.append("none eligible")
+                else:
+                    i = pick["interval"][c]
+                    cells.append(f"{pick['report'][c]:.3f} (selection {i.estimate:.3f} [{i.low:.3f}, {i.high:.3f}])"
+                                 f" / {100 * sparsity[c]:.0f}% `{c}`")
+                    reports.append(pick["report"][c])
+            mean = f"{statistics.mean(reports):.3f}" + ("" if len(reports) == len(tasks) else " (partial)") \
+                if reports else "-"
+            lines.append(f"| budget {b:g} | {seed} | " + " | ".join(cells) + f" | {mean} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--protocol", choices=tuple(PROTOCOLS), default="cpu")
@@ -269,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head-lr", type=float, default=None,
                    help="one classification-head learning rate for every config (rows made with it are kept apart)")
     p.add_argument("--per-seed", action="store_true", help="also print one row per config and seed, cells at "
-                   "chance level marked")
+                   "chance level marked; with --predictions-dir, also FineGates as the trusted selector picks it")
+    p.add_argument("--budgets", default="0.02", help="budgets of the trusted-selector rows (default: 0.02)")
     p.add_argument("--table-only", action="store_true")
     p.add_argument("--smoke-test", action="store_true", help="the whole pipeline at tiny sizes (~2 min)")
     a = p.parse_args(argv)
@@ -303,6 +356,12 @@ def main(argv: list[str] | None = None) -> int:
     if a.per_seed:
         print("\nPer seed (score / exported sparsity; \"(chance)\": not clearly above the trivial predictor):\n")
         print(per_seed_table(rows, [c for c in a.configs.split(",") if c], a.tasks.split(",")))
+        if a.predictions_dir and Path(a.predictions_dir).is_dir():
+            print("\nFineGates through the trusted selector (each task's validation set split as a sweep splits it, "
+                  "seeded by the run's seed; report-part score (selection-part score [95% interval]) / exported "
+                  "sparsity, picked config):\n")
+            print(selector_table(rows, [c for c in a.configs.split(",") if c], a.tasks.split(","),
+                                 Path(a.predictions_dir), [float(b) for b in a.budgets.split(",") if b.strip()]))
     errors = [r for r in rows if "error" in r]
     for r in errors:
         print(f"failed: {r['task']} {r['config']} seed {r['seed']}: {r['error']}", file=sys.stderr)

@@ -43,10 +43,16 @@ def load_groups(folder: Path) -> dict[tuple[str, int], dict[str, dict[str, np.nd
     return groups
 
 
-def coverage(runs: dict[str, dict[str, np.ndarray]], task_name: str, split_seed: int, report_frac: float,
-             budgets: list[float], resamples: int) -> tuple[list[bool], list[tuple[float, str, bool]], bool]:
-    """One split of one (task, seed): (report inside the selection interval, per run), ([budget, pick,
-    inside] per budget with a pick), learned (the reference passes the guard)."""
+def trusted_picks(runs: dict[str, dict[str, np.ndarray]], task_name: str, split_seed: int, report_frac: float,
+                  budgets: list[float], resamples: int = 1000, sparsity: dict[str, float] | None = None) -> dict:
+    """The sweep's trusted selection over ``runs`` (config -> predictions and labels on the same examples):
+    split them into a selection and a report part (``tasks.data.split_eval``), score each run on the selection
+    part with its 95% bootstrap interval, check the reference (the best) against the trivial predictor (the
+    guard), pick per budget with the paired rule, and score each run once on the report part.
+
+    ``sparsity``: config -> exported sparsity (default: the target a config's name gives, ``fg-40-kd`` 0.4).
+    Returns {"learned", "guard", "interval": {config: Interval}, "report": {config: score},
+    "picks": {budget: config or None}}."""
     from tasks import compute_metrics, get_task
     from tasks.data import split_eval
     from tune.pareto import Point, select
@@ -62,21 +68,27 @@ def coverage(runs: dict[str, dict[str, np.ndarray]], task_name: str, split_seed:
     scores = {c: bs.scores(r["predictions"][sel]) for c, r in runs.items()}
     intervals = {c: bs.interval(r["predictions"][sel]) for c, r in runs.items()}
     report = {c: float(compute_metrics(task, r["predictions"][rep], labels[rep])["score"]) for c, r in runs.items()}
-    inside = {c: intervals[c].low <= report[c] <= intervals[c].high for c in runs}
-    # sparsity is not in the predictions; the selector's tie-break only needs an order, so configs that
-    # name a target (…-40-…) rank by it
-    points = [Point(c, intervals[c].estimate, _target(c)) for c in runs]
+    points = [Point(c, intervals[c].estimate, (sparsity or {}).get(c, _target(c))) for c in runs]
     ref = max(points, key=lambda p: (p.score, p.sparsity))
-    learned = bs.guard(runs[ref.id]["predictions"][sel], scores=scores[ref.id]).learned
-    picks = []
-    if learned:
+    guard = bs.guard(runs[ref.id]["predictions"][sel], scores=scores[ref.id])
+    picks: dict[float, str | None] = {}
+    if guard.learned:
         diff_low = {c: bs.difference(runs[c]["predictions"][sel], runs[ref.id]["predictions"][sel], scores[c],
                                      scores[ref.id]).low for c in runs}
         for b in budgets:
             chosen = select(points, b, rule="paired", diff_low=diff_low).chosen
-            if chosen is not None:
-                picks.append((b, chosen.id, inside[chosen.id]))
-    return [inside[c] for c in runs], picks, learned
+            picks[b] = None if chosen is None else chosen.id
+    return {"learned": bool(guard.learned), "guard": guard, "interval": intervals, "report": report, "picks": picks}
+
+
+def coverage(runs: dict[str, dict[str, np.ndarray]], task_name: str, split_seed: int, report_frac: float,
+             budgets: list[float], resamples: int) -> tuple[list[bool], list[tuple[float, str, bool]], bool]:
+    """One split of one (task, seed): (report inside the selection interval, per run), ([budget, pick,
+    inside] per budget with a pick), learned (the reference passes the guard)."""
+    t = trusted_picks(runs, task_name, split_seed, report_frac, budgets, resamples)
+    inside = {c: t["interval"][c].low <= t["report"][c] <= t["interval"][c].high for c in runs}
+    picks = [(b, c, inside[c]) for b, c in t["picks"].items() if c is not None]
+    return [inside[c] for c in runs], picks, t["learned"]
 
 
 def _target(config: str) -> float:

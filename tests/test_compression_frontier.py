@@ -45,3 +45,18 @@ def test_per_seed_rows_are_single_models_and_chance_is_marked():
     assert lines[2:] == ["| lora | 1 | 0.800 | 0.800 |", "| lora | 2 | 0.520 (chance) | 0.520 |",
                          "| fg-40-kd | 1 | 0.780 / 40% | 0.780 |", "| fg-40-kd | 2 | 0.770 / 41% | 0.770 |",
                          "| trivial predictor | 1 | 0.510 | |", "| trivial predictor | 2 | 0.510 | |"]
+
+
+def test_finegates_rows_through_the_trusted_selector(tmp_path):
+    import numpy as np
+
+    y = np.array([0, 1] * 100)
+    chance = np.ones_like(y)  # always class 1: the trivial predictor
+    rows = []
+    for task, good in (("sst2", y), ("rte", chance)):
+        for config, sparsity in (("fg-0-kd", 0.05), ("fg-40-kd", 0.41), ("lora", 0.0)):
+            np.savez(tmp_path / f"{task}-{config}-7.npz", predictions=good, labels=y)
+            rows.append({"task": task, "config": config, "seed": 7, "score": 1.0, "sparsity": sparsity})
+    lines = cf.selector_table(rows, ["fg-0-kd", "fg-40-kd", "lora"], ["sst2", "rte"], tmp_path, [0.02]).splitlines()
+    assert lines[2].startswith("| budget 0.02 | 7 | 1.000 (selection 1.000 [1.000, 1.000]) / 41% `fg-40-kd` | "
+                               "not learned | 1.000 (partial) |")
