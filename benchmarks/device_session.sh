@@ -69,4 +69,5 @@ echo "frontier: rc $? in $((SECONDS - t0)) s, $(wc -l < "$OUT/frontier-gpu.jsonl
 # here, `tar xzf preds.tgz -C runs/preds-gpu && python benchmarks/heldout_coverage.py runs/preds-gpu`
 tar czf "$OUT/preds.tgz" -C /tmp/frontier-preds . 2>/dev/null
 python3 benchmarks/compression_frontier.py "${FRONTIER_ARGS[@]}" --jsonl "$OUT/frontier-gpu.jsonl" --table-only \
-    --configs "$CONFIGS" --seeds "$SEEDS" 2>&1 | tee "$OUT/frontier_table.txt"
+    --configs "$CONFIGS" --seeds "$SEEDS" --per-seed --predictions-dir /tmp/frontier-preds --budgets 0.01,0.02 \
+    2>&1 | tee "$OUT/frontier_table.txt"
