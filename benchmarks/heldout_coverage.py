@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     groups = load_groups(folder)
     print(f"{len(groups)} task x seed groups from {folder}; {a.splits} split seeds each, report fraction "
           f"{a.report_frac:g}, 95% bootstrap intervals ({a.resamples} resamples), budgets {a.budgets}")
-    print("| task | seed | runs | examples | learned (of splits) | every run: report inside | picks | picks: report inside |")
+    print("| task | seed | runs | examples | learned (of splits) | every run: report inside | picks "
+          "| picks: report inside |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     all_runs, all_picks, per_group = [], [], []
     for (task, seed), runs in sorted(groups.items()):

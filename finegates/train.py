@@ -406,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-alpha", type=float, default=d.distill_alpha, help="weight of the distillation loss")
     p.add_argument("--distill-temperature", type=float, default=d.distill_temperature)
     p.add_argument("--head-lr", type=float, default=None,
-                   help="learning rate of the classification head, the same for every method (default: the method's --lr)")
+                   help="learning rate of the classification head, the same for every method "
+                        "(default: the method's --lr)")
     p.add_argument("--teacher-lr", type=float, default=None, help="teacher learning rate (default: lora 1e-3, full 5e-5)")
     p.add_argument("--teacher-cache", default=None,
                    help="teacher cache dir (default: $FINEGATES_TEACHER_CACHE or ~/.cache/finegates/teachers)")
