@@ -231,7 +231,8 @@ def per_seed_table(rows: list[dict], configs: list[str], tasks: list[str]) -> st
                 if r is None:
                     cells.append("-")
                     continue
-                trivial.setdefault((t, seed), r.get("trivial_score"))
+                if trivial.get((t, seed)) is None:  # the same examples for every config: any row's will do
+                    trivial[(t, seed)] = r.get("trivial_score")
                 learned = fallback_guard(r["score"], r.get("trivial_score"), r.get("n_eval"), get_task(t)).learned
                 mark = " (chance)" if learned is False else ""
                 sparsity = f" / {100 * r['sparsity']:.0f}%" if r.get("sparsity") else ""
