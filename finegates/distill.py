@@ -58,7 +58,8 @@ def teacher_config(cfg: "TrainConfig") -> "TrainConfig":
     # seeded by the data seed: a student re-run with another training seed (tune.run --seeds) keeps its teacher
     return replace(cfg, method=cfg.teacher, teacher="none", rank=TEACHER_RANK[cfg.teacher],
                    seed=cfg.subset_seed, data_seed=None,
-                   lr=cfg.teacher_lr or TEACHER_LR[cfg.teacher], lora_alpha=None, output_dir=None, extra={},
+                   lr=cfg.teacher_lr or TEACHER_LR[cfg.teacher], head_lr=None, lora_alpha=None, output_dir=None,
+                   extra={},
                    latency_repeats=1, latency_batch=1, latency_length=8)
 
 

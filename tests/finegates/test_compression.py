@@ -14,6 +14,14 @@ TINY = dict(task="sst2", max_train=48, max_eval=32, epochs=1, batch_size=16, max
             latency_repeats=1, latency_batch=1, latency_length=8)
 
 
+def test_the_teacher_trains_as_published_whatever_the_student_options():
+    from finegates.distill import teacher_config
+
+    student = TrainConfig(method="finegates-lora", head_lr=3e-4, extra={"lora_slots": ["q", "v"]}, teacher="lora")
+    t = teacher_config(student)
+    assert (t.method, t.head_lr, t.extra, t.lr) == ("lora", None, {}, 1e-3)  # its cache key cannot miss these
+
+
 def test_distill_loss_values_and_gradient():
     t = torch.tensor([[2.0, -1.0], [0.5, 0.5]])
     assert distill_loss(t.clone(), t, 2.0, regression=False).item() == pytest.approx(0.0, abs=1e-6)
