@@ -247,9 +247,14 @@ def per_seed_table(rows: list[dict], configs: list[str], tasks: list[str]) -> st
     return "\n".join(lines)
 
 
-def is_finegates(config: str) -> bool:
+def prunes(config: str) -> bool:
+    """The config's method prunes (the registry's ``Method.prunes``: FineGates and FineGates-LoRA)."""
+    from finegates.config import TrainConfig
+    from finegates.methods import get_method_class
+
     flags = CONFIGS[config]
-    return "--method" not in flags or flags[flags.index("--method") + 1] in ("finegates", "finegates-lora")
+    method = flags[flags.index("--method") + 1] if "--method" in flags else TrainConfig.method
+    return get_method_class(method).prunes
 
 
 def selector_table(rows: list[dict], configs: list[str], tasks: list[str], predictions_dir: Path,
@@ -265,24 +270,31 @@ def selector_table(rows: list[dict], configs: list[str], tasks: list[str], predi
     from heldout_coverage import trusted_picks
 
     ok = {(r["config"], r["task"], r["seed"]): r for r in rows if "error" not in r}
-    fg = [c for c in configs if is_finegates(c)]
+    fg = [c for c in configs if prunes(c)]
+    seeds = sorted({r["seed"] for r in rows})
+    picks, sparsity = {}, {}  # (task, seed) -> trusted_picks over all budgets at once; config -> sparsity
+    for seed in seeds:
+        for t in tasks:
+            runs = {}
+            for c in fg:
+                f = predictions_dir / f"{t}-{c}-{seed}.npz"
+                if (c, t, seed) in ok and f.is_file():
+                    with np.load(f) as z:
+                        runs[c] = {"predictions": z["predictions"], "labels": z["labels"]}
+                    sparsity[(t, seed, c)] = ok[(c, t, seed)]["sparsity"]
+            if runs:
+                picks[(t, seed)] = trusted_picks(runs, t, seed, report_frac, budgets,
+                                                 sparsity={c: sparsity[(t, seed, c)] for c in runs})
     lines = ["| FineGates, trusted selector | seed | " + " | ".join(tasks) + " | mean report score |",
              "|" + "---|" * (len(tasks) + 3)]
     for b in budgets:
-        for seed in sorted({r["seed"] for r in rows}):
+        for seed in seeds:
             cells, reports = [], []
             for t in tasks:
-                runs, sparsity = {}, {}
-                for c in fg:
-                    f = predictions_dir / f"{t}-{c}-{seed}.npz"
-                    if (c, t, seed) in ok and f.is_file():
-                        with np.load(f) as z:
-                            runs[c] = {"predictions": z["predictions"], "labels": z["labels"]}
-                        sparsity[c] = ok[(c, t, seed)]["sparsity"]
-                if not runs:
+                pick = picks.get((t, seed))
+                if pick is None:
                     cells.append("-")
                     continue
-                pick = trusted_picks(runs, t, seed, report_frac, [b], sparsity=sparsity)
                 c = pick["picks"].get(b)
                 if not pick["learned"]:
                     cells.append("not learned")
@@ -291,7 +303,7 @@ def selector_table(rows: list[dict], configs: list[str], tasks: list[str], predi
                 else:
                     i = pick["interval"][c]
                     cells.append(f"{pick['report'][c]:.3f} (selection {i.estimate:.3f} [{i.low:.3f}, {i.high:.3f}])"
-                                 f" / {100 * sparsity[c]:.0f}% `{c}`")
+                                 f" / {100 * sparsity[(t, seed, c)]:.0f}% `{c}`")
                     reports.append(pick["report"][c])
             mean = f"{statistics.mean(reports):.3f}" + ("" if len(reports) == len(tasks) else " (partial)") \
                 if reports else "-"
