@@ -163,11 +163,6 @@ def gate_values(gates: Sequence[Gate]) -> GateValues:
     return GateValues(z, sizes)
 
 
-def evaluate_gates(gates: Sequence[Gate], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
-    """:func:`gate_values` as a list of per-gate values, in ``dtype`` if given."""
-    values = gate_values(gates)
-    return [values.get(i, dtype) for i in range(len(values))]
-
 
 def p_open_all(gates: Sequence[Gate]) -> list[torch.Tensor]:
     """Every gate's :meth:`Gate.p_open`, computed in one chain of ops over all the gates."""

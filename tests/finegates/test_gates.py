@@ -7,7 +7,7 @@ from torch import nn
 
 from finegates.gated_model import (SparsityController, all_gates, apply_gates, count_parameters, expected_sparsity,
                                    gate_sparsity, penalty_code, penalty_paper)
-from finegates.gates import Gate, GatedLinear, evaluate_gates, gate_values, p_open_all
+from finegates.gates import Gate, GatedLinear, gate_values, p_open_all
 
 
 def test_saturated_init_matches_the_official_code():
@@ -300,22 +300,23 @@ def test_batched_gate_values_follow_the_law_of_the_one_by_one_values():
     gates = all_gates(m)
     gates[0].pin()  # a pinned gate's closed units stay exactly 0 in the batch too
     m.eval()
-    for g, z in zip(gates, evaluate_gates(gates)):
-        assert torch.equal(z, g())
+    values = gate_values(gates)
+    for i, g in enumerate(gates):
+        assert torch.equal(values.get(i), g())
     m.train()
     torch.manual_seed(3)
-    batched = torch.cat(evaluate_gates(gates))
+    batched = gate_values(gates).z
     torch.manual_seed(3)
     mu = torch.tanh(torch.cat([g.theta for g in gates]))
     expect = torch.clamp(mu + 0.5 + 0.1 * torch.randn_like(mu), 0, 1)
     expect[: gates[0].theta.numel()].masked_fill_(gates[0].pinned_closed, 0.0)
     assert torch.allclose(batched, expect, atol=1e-6)
-    assert not torch.equal(batched, torch.cat(evaluate_gates(gates)))  # a fresh draw per evaluation
+    assert not torch.equal(batched, gate_values(gates).z)  # a fresh draw per evaluation
     for g, p in zip(gates, p_open_all(gates)):
         assert torch.allclose(p, g.p_open(), atol=1e-7)
-    assert [z.dtype for z in evaluate_gates(gates, torch.bfloat16)] == [torch.bfloat16] * len(gates)
     values = gate_values(gates)  # one cast for all gates, made when a first gate asks for the dtype
     halves = [values.get(i, torch.bfloat16) for i in range(len(values))]
+    assert [z.dtype for z in halves] == [torch.bfloat16] * len(gates)
     assert len({z.untyped_storage().data_ptr() for z in halves}) == 1
     assert torch.equal(torch.cat(halves), values.z.to(torch.bfloat16))
 
