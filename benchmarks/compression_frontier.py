@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -355,6 +356,17 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"error: --seeds {a.seeds!r} is invalid; accepted: comma-separated integers", file=sys.stderr)
         return 2
+    if a.head_lr is not None and not (math.isfinite(a.head_lr) and a.head_lr > 0):
+        print(f"error: --head-lr {a.head_lr!r} is invalid; accepted: a finite number > 0", file=sys.stderr)
+        return 2
+    try:
+        budgets = [float(b) for b in a.budgets.split(",") if b.strip()]
+    except ValueError:
+        budgets = []
+    if not budgets or not all(0 <= b <= 1 for b in budgets):
+        print(f"error: --budgets {a.budgets!r} is invalid; accepted: comma-separated numbers in [0, 1]",
+              file=sys.stderr)
+        return 2
     out = Path(a.jsonl or (tempfile.mkdtemp() + "/smoke.jsonl" if a.smoke_test else f"runs/frontier-{a.protocol}.jsonl"))
     if a.smoke_test:
         a.teacher_cache = str(out.parent / "teachers")
@@ -374,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
                   "seeded by the run's seed; report-part score (selection-part score [95% interval]) / exported "
                   "sparsity, picked config):\n")
             print(selector_table(rows, [c for c in a.configs.split(",") if c], a.tasks.split(","),
-                                 Path(a.predictions_dir), [float(b) for b in a.budgets.split(",") if b.strip()]))
+                                 Path(a.predictions_dir), budgets))
     errors = [r for r in rows if "error" in r]
     for r in errors:
         print(f"failed: {r['task']} {r['config']} seed {r['seed']}: {r['error']}", file=sys.stderr)

@@ -117,7 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < a.report_frac < 1:
         print(f"error: --report-frac {a.report_frac} is invalid; accepted: a number in (0, 1)", file=sys.stderr)
         return 2
-    budgets = [float(b) for b in a.budgets.split(",") if b.strip()]
+    try:
+        budgets = [float(b) for b in a.budgets.split(",") if b.strip()]
+    except ValueError:
+        budgets = []
+    if not budgets or not all(0 <= b <= 1 for b in budgets):
+        print(f"error: --budgets {a.budgets!r} is invalid; accepted: comma-separated numbers in [0, 1]",
+              file=sys.stderr)
+        return 2
     groups = load_groups(folder)
     print(f"{len(groups)} task x seed groups from {folder}; {a.splits} split seeds each, report fraction "
           f"{a.report_frac:g}, 95% bootstrap intervals ({a.resamples} resamples), budgets {a.budgets}")

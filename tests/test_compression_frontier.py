@@ -60,3 +60,14 @@ def test_finegates_rows_through_the_trusted_selector(tmp_path):
     lines = cf.selector_table(rows, ["fg-0-kd", "fg-40-kd", "lora"], ["sst2", "rte"], tmp_path, [0.02]).splitlines()
     assert lines[2].startswith("| budget 0.02 | 7 | 1.000 (selection 1.000 [1.000, 1.000]) / 41% `fg-40-kd` | "
                                "not learned | 1.000 (partial) |")
+
+
+def test_bad_head_lr_or_budgets_are_one_line_and_exit_2(tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    for args, message in ((["--head-lr", "0"], "--head-lr 0.0 is invalid; accepted: a finite number > 0"),
+                          (["--budgets", "0.02,abc"], "--budgets '0.02,abc' is invalid; accepted: comma-separated "
+                                                      "numbers in [0, 1]")):
+        assert cf.main(["--jsonl", str(out), "--table-only", *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: {message}"]
+    assert not out.exists()

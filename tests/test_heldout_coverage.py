@@ -39,3 +39,5 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     _write(tmp_path, "lora", np.array([0, 1] * 50), np.array([0, 1] * 50))
     assert hc.main([str(tmp_path), "--report-frac", "1.5"]) == 2
     assert "--report-frac 1.5 is invalid; accepted: a number in (0, 1)" in capsys.readouterr().err
+    assert hc.main([str(tmp_path), "--budgets", "2"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --budgets '2' is invalid; accepted: comma-separated numbers in [0, 1]"
