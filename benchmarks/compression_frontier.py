@@ -258,6 +258,16 @@ def prunes(config: str) -> bool:
     return get_method_class(method).prunes
 
 
+def _heldout_coverage():
+    """benchmarks/heldout_coverage.py, the trusted selector over saved predictions."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:  # benchmarks/ is on it when this runs as a script, not when a test imports it
+        sys.path.insert(0, here)
+    import heldout_coverage
+
+    return heldout_coverage
+
+
 def selector_table(rows: list[dict], configs: list[str], tasks: list[str], predictions_dir: Path,
                    budgets: list[float], report_frac: float = 0.5) -> str:
     """FineGates as the sweep would hand it to a user: per task and seed, the trusted selector
@@ -265,10 +275,7 @@ def selector_table(rows: list[dict], configs: list[str], tasks: list[str], predi
     pick reported with its report-part score, its selection-part score and interval, its exported sparsity."""
     import numpy as np
 
-    here = str(Path(__file__).resolve().parent)
-    if here not in sys.path:  # benchmarks/ is on it when this runs as a script, not when a test imports it
-        sys.path.insert(0, here)
-    from heldout_coverage import trusted_picks
+    trusted_picks = _heldout_coverage().trusted_picks
 
     ok = {(r["config"], r["task"], r["seed"]): r for r in rows if "error" not in r}
     fg = [c for c in configs if prunes(c)]
@@ -359,13 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.head_lr is not None and not (math.isfinite(a.head_lr) and a.head_lr > 0):
         print(f"error: --head-lr {a.head_lr!r} is invalid; accepted: a finite number > 0", file=sys.stderr)
         return 2
-    try:
-        budgets = [float(b) for b in a.budgets.split(",") if b.strip()]
-    except ValueError:
-        budgets = []
-    if not budgets or not all(0 <= b <= 1 for b in budgets):
-        print(f"error: --budgets {a.budgets!r} is invalid; accepted: comma-separated numbers in [0, 1]",
-              file=sys.stderr)
+    budgets = _heldout_coverage().parse_budgets(a.budgets)
+    if budgets is None:
         return 2
     out = Path(a.jsonl or (tempfile.mkdtemp() + "/smoke.jsonl" if a.smoke_test else f"runs/frontier-{a.protocol}.jsonl"))
     if a.smoke_test:

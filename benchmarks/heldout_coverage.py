@@ -91,6 +91,18 @@ def coverage(runs: dict[str, dict[str, np.ndarray]], task_name: str, split_seed:
     return [inside[c] for c in runs], picks, t["learned"]
 
 
+def parse_budgets(spec: str) -> list[float] | None:
+    """``--budgets`` as numbers in [0, 1]; None, after one error line on stderr, when it is not that."""
+    try:
+        budgets = [float(b) for b in spec.split(",") if b.strip()]
+    except ValueError:
+        budgets = []
+    if not budgets or not all(0 <= b <= 1 for b in budgets):
+        print(f"error: --budgets {spec!r} is invalid; accepted: comma-separated numbers in [0, 1]", file=sys.stderr)
+        return None
+    return budgets
+
+
 def _target(config: str) -> float:
     for part in config.split("-"):
         if part.isdigit():
@@ -117,13 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < a.report_frac < 1:
         print(f"error: --report-frac {a.report_frac} is invalid; accepted: a number in (0, 1)", file=sys.stderr)
         return 2
-    try:
-        budgets = [float(b) for b in a.budgets.split(",") if b.strip()]
-    except ValueError:
-        budgets = []
-    if not budgets or not all(0 <= b <= 1 for b in budgets):
-        print(f"error: --budgets {a.budgets!r} is invalid; accepted: comma-separated numbers in [0, 1]",
-              file=sys.stderr)
+    budgets = parse_budgets(a.budgets)
+    if budgets is None:
         return 2
     groups = load_groups(folder)
     print(f"{len(groups)} task x seed groups from {folder}; {a.splits} split seeds each, report fraction "
