@@ -90,11 +90,16 @@ def apply_gates(model: nn.Module, *, layout: str = "coupled", rank: int = 0, lor
     return layers
 
 
-def check_lora_slots(fam: Family, lora_slots) -> None:
-    bad = sorted(set(lora_slots or ()) - set(fam.slots))
+def check_slots(fam: Family, option: str, slots) -> None:
+    """A ConfigError naming ``option`` if ``slots`` has a slot that ``fam``'s layers do not have."""
+    bad = sorted(set(slots or ()) - set(fam.slots))
     if bad:
-        raise ConfigError(f"finegates option lora_slots={list(lora_slots)!r} is invalid ({', '.join(bad)}); "
+        raise ConfigError(f"{option}={list(slots)!r} is invalid ({', '.join(bad)}); "
                           f"accepted: slots of {fam.name}: {', '.join(fam.slots)}")
+
+
+def check_lora_slots(fam: Family, lora_slots) -> None:
+    check_slots(fam, "finegates option lora_slots", lora_slots)
 
 
 def _gate_pass_begin(model: nn.Module, args) -> None:

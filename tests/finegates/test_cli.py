@@ -25,6 +25,12 @@ CASES = [
     (["--method", "finegates-lora", "--option", 'lora_slots=["q", "query"]'],
      "finegates option lora_slots=['q', 'query'] is invalid (query); accepted: slots of bert: q, k, v, o, up, down"),
     (["--option", "lora_slots=[]"], "finegates option lora_slots=[] is invalid; accepted: a non-empty list of slots"),
+    (["--method", "sparta", "--option", "density=0.1"],
+     "sparta density=0.1 asks for 2,271,322 trainable weights (of the model's 22,713,216), more than v/o hold "
+     "(1,769,472); accepted: density <= 0.0779 with scope 'model', or scope 'targets'"),
+    (["--method", "sparta", "--option", 'targets=["v", "value"]'],
+     "sparta option targets=['v', 'value'] is invalid (value); accepted: slots of bert: q, k, v, o, up, down"),
+    (["--method", "sparta", "--option", "scope=global"], "sparta scope='global' is invalid; accepted: model, targets"),
 ]
 
 

@@ -21,7 +21,7 @@ def test_each_method_declares_help_options_and_searchable_ranges(name):
 
 
 def test_unknown_or_mistyped_options_are_one_line_errors():
-    with pytest.raises(ConfigError, match=r"^sparta option 'densty' is unknown; accepted: density, targets$"):
+    with pytest.raises(ConfigError, match=r"^sparta option 'densty' is unknown; accepted: density, scope, targets$"):
         TrainConfig(method="sparta", extra={"densty": 0.1})
     with pytest.raises(ConfigError, match=r"gift-sw option k='many' is invalid; accepted: int"):
         TrainConfig(method="gift-sw", extra={"k": "many"})
@@ -38,7 +38,7 @@ def test_train_cli_sets_method_options_and_refuses_typos(capsys):
     assert parse_options("sparta", ["density=0.05", "targets=[\"v\"]"]) == {"density": 0.05, "targets": ["v"]}
     assert main(["--method", "sparta", "--option", "densty=0.05"]) == 2
     assert capsys.readouterr().err.strip() == ("error: sparta option 'densty' is unknown; accepted: density, "
-                                               "targets")
+                                               "scope, targets")
     helptext = build_parser().format_help()
     assert all(f"{n}:" in " ".join(helptext.split()) for n in METHOD_NAMES)
 

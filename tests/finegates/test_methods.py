@@ -36,7 +36,7 @@ def expected_trainable(name: str) -> int:
         return L * 2 * 8 * (H + H) + HEAD
     if name == "gift-sw":  # k = 4 salient columns of every linear: out * k
         return L * sum(o * 4 for _, o in lin.values()) + HEAD
-    if name == "sparta":  # density 0.25 of W_v and W_o
+    if name == "sparta":  # density 0.25 of each of W_v and W_o (scope "targets")
         return L * 2 * round(0.25 * H * H) + HEAD
     if name == "propulsion":  # one z per output of each linear, and its bias (the official code trains both)
         return L * 2 * bias_out + HEAD
@@ -47,7 +47,7 @@ def expected_trainable(name: str) -> int:
     raise AssertionError(name)
 
 
-EXTRA = {"gift-sw": {"k": 4}, "sparta": {"density": 0.25}}
+EXTRA = {"gift-sw": {"k": 4}, "sparta": {"density": 0.25, "scope": "targets"}}
 
 
 def prepared(name: str, model=None):
@@ -62,6 +62,19 @@ def prepared(name: str, model=None):
 def test_trainable_count_from_formula(name):
     model, _, _ = prepared(name)
     assert count_parameters(model)[1] == expected_trainable(name)
+
+
+def test_sparta_density_counts_the_whole_base_model_by_default():
+    """The official code's count: density x the base model's parameters (embeddings in, head out), placed in
+    W_v and W_o at the same fraction of each."""
+    model = tiny()
+    base = sum(p.numel() for p in model.bert.parameters())
+    fraction = 0.05 * base / (L * 2 * H * H)
+    prepared_model = get_method("sparta").prepare(model, TrainConfig(method="sparta", extra={"density": 0.05}), 10)
+    deltas = count_parameters(prepared_model)[1] - HEAD
+    assert deltas == L * 2 * round(fraction * H * H)
+    assert abs(deltas - 0.05 * base) <= L * 2  # one rounding per matrix
+    assert 0.05 * H * H < fraction * H * H  # more than 5% of each target: the embeddings count too
 
 
 def test_finegates_lora_slots_put_lora_inside_the_named_gates_only():
