@@ -16,8 +16,10 @@ sweep does with its evaluation set (docs/SELECTION.md):
    (``tune.stats``, ``tune.pareto.select``);
 3. it scores the pick once on the report part.
 
-It prints, per task, how often the report score lies inside the selection interval. It gives this for
-the picks, which carry the winner's curse, and for every run, which does not.
+It prints, per task, how often the report score lies inside the selection interval, and inside the
+prediction interval (``tune.stats.prediction_interval``: where the report score should fall given the
+selection score and the sizes of the two parts; selection.json's ``report_prediction_interval``). It gives
+this for the picks, which carry the winner's curse, and for every run, which does not.
 The split seeds are not independent draws of data, since every split reuses the same validation set.
 Read the spread across tasks and seeds, not only the pooled figure.
 """
@@ -51,12 +53,13 @@ def trusted_picks(runs: dict[str, dict[str, np.ndarray]], task_name: str, split_
     guard), pick per budget with the paired rule, and score each run once on the report part.
 
     ``sparsity``: config -> exported sparsity (default: the target a config's name gives, ``fg-40-kd`` 0.4).
-    Returns {"learned", "guard", "interval": {config: Interval}, "report": {config: score},
-    "picks": {budget: config or None}}."""
+    Returns {"learned", "guard", "interval": {config: Interval}, "prediction": {config: Interval},
+    "report": {config: score}, "picks": {budget: config or None}}; ``prediction`` is where the report score
+    should fall (``tune.stats.prediction_interval``)."""
     from tasks import compute_metrics, get_task
     from tasks.data import split_eval
     from tune.pareto import Point, select
-    from tune.stats import Bootstrap
+    from tune.stats import Bootstrap, prediction_interval
 
     task = get_task(task_name)
     labels = next(iter(runs.values()))["labels"]
@@ -67,6 +70,7 @@ def trusted_picks(runs: dict[str, dict[str, np.ndarray]], task_name: str, split_
     bs = Bootstrap(task, labels[sel], n_resamples=resamples)
     scores = {c: bs.scores(r["predictions"][sel]) for c, r in runs.items()}
     intervals = {c: bs.interval(r["predictions"][sel]) for c, r in runs.items()}
+    prediction = {c: prediction_interval(scores[c], intervals[c].estimate, len(sel), len(rep)) for c in runs}
     report = {c: float(compute_metrics(task, r["predictions"][rep], labels[rep])["score"]) for c, r in runs.items()}
     points = [Point(c, intervals[c].estimate, (sparsity or {}).get(c, _target(c))) for c in runs]
     ref = max(points, key=lambda p: (p.score, p.sparsity))
@@ -78,16 +82,19 @@ def trusted_picks(runs: dict[str, dict[str, np.ndarray]], task_name: str, split_
         for b in budgets:
             chosen = select(points, b, rule="paired", diff_low=diff_low).chosen
             picks[b] = None if chosen is None else chosen.id
-    return {"learned": bool(guard.learned), "guard": guard, "interval": intervals, "report": report, "picks": picks}
+    return {"learned": bool(guard.learned), "guard": guard, "interval": intervals, "prediction": prediction,
+            "report": report, "picks": picks}
 
 
 def coverage(runs: dict[str, dict[str, np.ndarray]], task_name: str, split_seed: int, report_frac: float,
-             budgets: list[float], resamples: int) -> tuple[list[bool], list[tuple[float, str, bool]], bool]:
-    """One split of one (task, seed): (report inside the selection interval, per run), ([budget, pick,
-    inside] per budget with a pick), learned (the reference passes the guard)."""
+             budgets: list[float], resamples: int) -> tuple[list[tuple[bool, bool]], list[tuple[float, str, bool, bool]], bool]:
+    """One split of one (task, seed): ((report inside the selection interval, inside the prediction interval)
+    per run), ((budget, pick, inside the selection interval, inside the prediction interval) per budget with
+    a pick), learned (the reference passes the guard)."""
     t = trusted_picks(runs, task_name, split_seed, report_frac, budgets, resamples)
-    inside = {c: t["interval"][c].low <= t["report"][c] <= t["interval"][c].high for c in runs}
-    picks = [(b, c, inside[c]) for b, c in t["picks"].items() if c is not None]
+    inside = {c: (t["interval"][c].low <= t["report"][c] <= t["interval"][c].high,
+                  t["prediction"][c].low <= t["report"][c] <= t["prediction"][c].high) for c in runs}
+    picks = [(b, c, *inside[c]) for b, c in t["picks"].items() if c is not None]
     return [inside[c] for c in runs], picks, t["learned"]
 
 
@@ -101,6 +108,12 @@ def parse_budgets(spec: str) -> list[float] | None:
         print(f"error: --budgets {spec!r} is invalid; accepted: comma-separated numbers in [0, 1]", file=sys.stderr)
         return None
     return budgets
+
+
+def _rate(flags: list[tuple[bool, ...]], i: int, spec: str = ".0%") -> str:
+    """``share (k/n)`` of the rows whose ``i``-th flag is set."""
+    k = sum(1 for f in flags if f[i])
+    return f"{k / len(flags):{spec}} ({k}/{len(flags)})"
 
 
 def _target(config: str) -> float:
@@ -135,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     groups = load_groups(folder)
     print(f"{len(groups)} task x seed groups from {folder}; {a.splits} split seeds each, report fraction "
           f"{a.report_frac:g}, 95% bootstrap intervals ({a.resamples} resamples), budgets {a.budgets}")
-    print("| task | seed | runs | examples | learned (of splits) | every run: report inside | picks "
-          "| picks: report inside |")
+    print("| task | seed | runs | examples | learned (of splits) | every run: report inside (prediction interval) "
+          "| picks | picks: report inside (prediction interval) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     all_runs, all_picks, per_group = [], [], []
     for (task, seed), runs in sorted(groups.items()):
@@ -144,24 +157,24 @@ def main(argv: list[str] | None = None) -> int:
         for k in range(a.splits):
             i, picks, learned = coverage(runs, task, k, a.report_frac, budgets, a.resamples)
             ins += i
-            pk += [x[2] for x in picks]
+            pk += [x[2:] for x in picks]
             n_learned += learned
         all_runs += ins
         all_picks += pk
         if pk:
-            per_group.append(sum(pk) / len(pk))
+            per_group.append(sum(x[0] for x in pk) / len(pk))
         n = len(next(iter(runs.values()))["labels"])
-        pick_cell = f"{sum(pk) / len(pk):.0%} ({sum(pk)}/{len(pk)})" if pk else "-"
-        print(f"| {task} | {seed} | {len(runs)} | {n} | {n_learned}/{a.splits} | {sum(ins) / len(ins):.0%} "
-              f"({sum(ins)}/{len(ins)}) | {len(pk)} | {pick_cell} |")
+        pick_cell = f"{_rate(pk, 0)} ({_rate(pk, 1)})" if pk else "-"
+        print(f"| {task} | {seed} | {len(runs)} | {n} | {n_learned}/{a.splits} | {_rate(ins, 0)} ({_rate(ins, 1)}) "
+              f"| {len(pk)} | {pick_cell} |")
     if all_runs:
-        print(f"\nevery run: report score inside its selection interval in {sum(all_runs) / len(all_runs):.1%} "
-              f"({sum(all_runs)}/{len(all_runs)})")
+        print(f"\nevery run: report score inside its selection interval in {_rate(all_runs, 0, '.1%')}, inside its "
+              f"prediction interval in {_rate(all_runs, 1, '.1%')}")
     if all_picks:
         spread = (f"; per task and seed {min(per_group):.0%}-{max(per_group):.0%}, median "
                   f"{statistics.median(per_group):.0%}" if len(per_group) > 1 else "")
-        print(f"picks: report score inside its selection interval in {sum(all_picks) / len(all_picks):.1%} "
-              f"({sum(all_picks)}/{len(all_picks)}){spread}")
+        print(f"picks: report score inside its selection interval in {_rate(all_picks, 0, '.1%')}{spread}; inside its "
+              f"prediction interval in {_rate(all_picks, 1, '.1%')}")
     else:
         print("picks: none (no task and seed passed the guard)")
     return 0

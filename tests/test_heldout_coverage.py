@@ -27,10 +27,12 @@ def test_groups_by_task_and_seed_and_picks_the_sparsest_run_within_budget(tmp_pa
     groups = hc.load_groups(tmp_path)
     assert list(groups) == [("sst2", 7)] and set(groups[("sst2", 7)]) == {"lora", "fg-40-kd", "fg-60-kd"}
     inside, picks, learned = hc.coverage(groups[("sst2", 7)], "sst2", 0, 0.5, [0.01, 0.05], 200)
-    assert learned and [(b, c) for b, c, _ in picks] == [(0.01, "fg-40-kd"), (0.05, "fg-40-kd")]
-    assert all(ok for _, _, ok in picks)  # a perfect model scores 1.0 on both parts
+    assert learned and [(b, c) for b, c, _, _ in picks] == [(0.01, "fg-40-kd"), (0.05, "fg-40-kd")]
+    assert all(ok and ok_pred for _, _, ok, ok_pred in picks)  # a perfect model scores 1.0 on both parts
     assert hc.main([str(tmp_path), "--splits", "2", "--resamples", "200"]) == 0
-    assert "picks: report score inside its selection interval in 100.0% (6/6)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "picks: report score inside its selection interval in 100.0% (6/6); inside its prediction interval in " \
+           "100.0% (6/6)" in out
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):

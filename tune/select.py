@@ -46,7 +46,7 @@ from tune.errors import UsageError
 from tune.pareto import (BUDGET_MODES, RULES, SELECT_BY, Point, Selection, check_budget, check_rule,
                          reference_point, select, threshold)
 from tune.stats import (CONFIDENCE, GUARD_Z, MIN_RESAMPLES, RESAMPLES, SEED, Bootstrap, Difference, Guard, Interval,
-                        check_resamples, fallback_guard, percentile_interval)
+                        check_resamples, fallback_guard, percentile_interval, prediction_interval)
 from tune.tracking import (TAG_REGISTRY_SUFFIX, TAG_ROLE, TAG_SWEEP, TAG_TASK, Tracker, TrackingError, check_reachable,
                            default_tracking_uri, with_retry)
 from tune.heldout import Report, report_score, within
@@ -219,6 +219,13 @@ class TaskEvidence:
             return None
         bs, _ = self._bootstrap(run_id)
         return percentile_interval(self.scores(run_id), bs.point(self.preds[run_id][0]), self.confidence)
+
+    def prediction(self, run_id: str, n_report: int | None) -> Interval | None:
+        """Where the trial's score on ``n_report`` held-out examples should fall (tune.stats.prediction_interval)."""
+        if run_id not in self.preds or not n_report:
+            return None
+        est = self.interval(run_id).estimate
+        return prediction_interval(self.scores(run_id), est, len(self.preds[run_id][1]), n_report, self.confidence)
 
     def paired(self, a: str, b: str) -> bool:
         """Both trials have predictions on the same evaluation examples (equal label vectors)."""
@@ -447,6 +454,11 @@ def _select_task(tracker: Tracker, task: str, points: list[Point], budgets: list
                                   "(dropped_after_seeds)")
             if rep.note:
                 pick_notes.append(rep.note)
+            expected = _ci(ev.prediction(run.info.run_id, rep.n))
+            if within(rep, expected) is False:
+                pick_notes.append(f"the report score {rep.score:.4f} is outside [{expected[0]:.4f}, {expected[1]:.4f}], "
+                                  "where the selection score and its noise put it (report_prediction_interval): "
+                                  "the pick did worse or better on held-out examples than chance explains")
             pick_seeds = seed_stats.get(run.info.run_id)
             ref_seeds = seed_stats.get(ref.id)
             if pick_seeds is not None and pick_seeds.missing:
@@ -472,6 +484,7 @@ def _select_task(tracker: Tracker, task: str, points: list[Point], budgets: list
                 "validation_source": run.data.tags.get("validation_source", ""),
                 "selection_score": m.get("score"), **rep.to_dict(),
                 "report_within_selection_ci": within(rep, _ci(ev.interval(run.info.run_id))),
+                "report_prediction_interval": expected, "report_within_prediction_interval": within(rep, expected),
                 "seeds": pick_seeds.to_dict() if pick_seeds else None,
                 "reference_seeds": ref_seeds.to_dict() if ref_seeds else None, "dropped_after_seeds": dropped,
             }
@@ -497,7 +510,8 @@ def _select_task(tracker: Tracker, task: str, points: list[Point], budgets: list
                 "model_dir": None, "registered_model": None, "model_version": None, "alias": None,
                 "validation_source": ref.info["run"].data.tags.get("validation_source", ""),
                 "selection_score": None, "report_score": None, "report_score_ci": None, "report_n": None,
-                "report_note": "", "report_within_selection_ci": None, "seeds": None,
+                "report_note": "", "report_within_selection_ci": None, "report_prediction_interval": None,
+                "report_within_prediction_interval": None, "seeds": None,
                 "reference_seeds": seed_stats[ref.id].to_dict() if ref.id in seed_stats else None,
                 "dropped_after_seeds": dropped,
             }

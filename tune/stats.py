@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from statistics import NormalDist
 from typing import Any, Iterator
 
 import numpy as np
@@ -103,6 +104,27 @@ def percentile_interval(values: np.ndarray, estimate: float, confidence: float =
     alpha = (1 - confidence) / 2
     low, high = np.percentile(np.asarray(values, dtype=np.float64), [100 * alpha, 100 * (1 - alpha)])
     return Interval(float(estimate), float(low), float(high), confidence)
+
+
+def prediction_interval(scores: np.ndarray, estimate: float, n_selection: int, n_report: int,
+                        confidence: float = CONFIDENCE) -> Interval:
+    """Where the same model should score on ``n_report`` other examples, given ``estimate`` on ``n_selection``
+    examples and its bootstrap ``scores`` there: ``estimate +- z se sqrt(1 + n_selection / n_report)``, ``se``
+    the bootstrap standard error.
+
+    Two independent estimates of one score differ by ``sqrt(se_sel^2 + se_rep^2)``, and ``se_rep`` is about
+    ``se_sel sqrt(n_sel / n_rep)`` for a score that averages over examples (an approximation for MCC, F1 and
+    correlations). The confidence interval of the selection score holds an unbiased model's report score
+    only ``P(|Z| < z / sqrt(1 + n_sel / n_rep))`` of the time (83% at equal parts); this interval holds it
+    ``confidence`` of the time. A pick whose report score falls outside it did worse (or better) on new
+    examples than its selection score's noise explains: the winner's curse, or a split that differs.
+    """
+    check_confidence(confidence)
+    if n_selection < 1 or n_report < 1:
+        raise ValueError(f"n_selection={n_selection}, n_report={n_report} are invalid; accepted: integers >= 1")
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    half = z * float(np.std(np.asarray(scores, dtype=np.float64), ddof=1)) * math.sqrt(1 + n_selection / n_report)
+    return Interval(float(estimate), float(estimate) - half, float(estimate) + half, confidence)
 
 
 class Bootstrap:
@@ -275,4 +297,5 @@ def _pearson_spearman(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 __all__ = ["CONFIDENCE", "GUARD_Z", "MIN_RESAMPLES", "RESAMPLES", "SEED", "Bootstrap", "Difference", "Guard",
-           "Interval", "check_confidence", "check_resamples", "fallback_guard", "percentile_interval"]
+           "Interval", "check_confidence", "check_resamples", "fallback_guard", "percentile_interval",
+           "prediction_interval"]

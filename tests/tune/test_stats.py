@@ -8,7 +8,7 @@ import pytest
 import tune.stats
 from tasks import compute_metrics, get_task, trivial_score
 from tune.pareto import Point, select
-from tune.stats import Bootstrap, _resample_scores, fallback_guard
+from tune.stats import Bootstrap, _resample_scores, fallback_guard, prediction_interval
 
 TASKS = ["sst2", "cola", "mrpc", "stsb", "mnli", "qqp"]
 
@@ -208,3 +208,38 @@ def test_the_worked_example_of_docs_selection_md():
     assert select(pts, 0.02).chosen.id == "A"
     assert select(pts, 0.02, rule="paired", diff_low={"A": da.low, "B": db.low}).chosen.id == "B"
     assert select(pts, 0.05, rule="paired", diff_low={"A": da.low, "B": db.low}).chosen.id == "A"
+
+
+def test_prediction_interval_closed_form_for_an_accuracy():
+    """Accuracy p on n_sel examples: se = sqrt(p (1 - p) / n_sel); the report score on n_rep others should fall
+    within 1.96 se sqrt(1 + n_sel / n_rep)."""
+    y = np.array([0, 1] * 200)
+    p = y.copy()
+    p[:80] = 1 - p[:80]  # 80% correct on 400 examples
+    bs = Bootstrap(get_task("sst2"), y, n_resamples=4000, seed=0)
+    pi = prediction_interval(bs.scores(p), bs.point(p), 400, 100)
+    half = 1.96 * math.sqrt(0.8 * 0.2 / 400) * math.sqrt(1 + 400 / 100)
+    assert pi.estimate == pytest.approx(0.8)
+    assert pi.low == pytest.approx(0.8 - half, abs=0.004) and pi.high == pytest.approx(0.8 + half, abs=0.004)
+    with pytest.raises(ValueError, match="n_report=0 are invalid"):
+        prediction_interval(bs.scores(p), 0.8, 400, 0)
+
+
+def test_an_unbiased_report_score_lands_in_the_prediction_interval_not_always_in_the_confidence_interval():
+    """Two independent samples of one model's per-example correctness (equal parts): the report score falls
+    in the selection score's 95% interval about 83% of the time, in the prediction interval about 95%."""
+    rng = np.random.default_rng(0)
+    task, n, trials = get_task("sst2"), 300, 300
+    y = np.array([0, 1] * (n // 2))
+    in_ci = in_pi = 0
+    for _ in range(trials):
+        sel = np.where(rng.random(n) < 0.75, y, 1 - y)  # a model right 75% of the time, on two samples
+        rep = np.where(rng.random(n) < 0.75, y, 1 - y)
+        bs = Bootstrap(task, y, n_resamples=300, seed=int(rng.integers(1 << 30)))
+        scores = bs.scores(sel)
+        ci, pi = bs.interval(sel), prediction_interval(scores, bs.point(sel), n, n)
+        r = compute_metrics(task, rep, y)["score"]
+        in_ci += ci.low <= r <= ci.high
+        in_pi += pi.low <= r <= pi.high
+    assert 0.76 <= in_ci / trials <= 0.89
+    assert 0.91 <= in_pi / trials <= 0.98

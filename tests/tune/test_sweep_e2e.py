@@ -145,6 +145,10 @@ def test_picks_are_scored_once_on_the_held_out_part_and_rerun_with_seeds(sweep):
         lo, hi = r["report_score_ci"]
         assert lo <= r["report_score"] <= hi
         assert isinstance(r["report_within_selection_ci"], bool)
+        # where the report score should fall: around the selection score, wider than its interval
+        plo, phi = r["report_prediction_interval"]
+        assert plo < r["score_ci"][0] <= r["score"] <= r["score_ci"][1] < phi
+        assert r["report_within_prediction_interval"] == (plo <= r["report_score"] <= phi)
         # re-run with a second training seed, logged as a child of the pick; the row reports mean +- std
         assert r["seeds"]["seeds"] == [1948, 1949] and len(r["seeds"]["scores"]) == 2
         assert r["seeds"]["mean"] == pytest.approx(sum(r["seeds"]["scores"]) / 2)
