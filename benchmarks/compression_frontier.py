@@ -213,12 +213,17 @@ def table(rows: list[dict], configs: list[str], tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
-def per_seed_table(rows: list[dict], configs: list[str], tasks: list[str]) -> str:
+def per_seed_table(rows: list[dict], configs: list[str], tasks: list[str], predictions_dir: Path | None = None) -> str:
     """One row per config and seed, each cell one trained model (no averages of different models). A cell
     whose score is not clearly above its task's trivial predictor (majority class or constant mean, on the
-    same examples; the selector's fallback guard: more than 2 x 1/sqrt(n) above it) is marked "(chance)"."""
+    same examples) is marked "(chance)". With the run's predictions in ``predictions_dir`` the cell shows its
+    95% bootstrap interval over the evaluation examples and the mark is the sweep's guard (tune.stats: more
+    than 2 bootstrap SEs above the trivial predictor); without them, the selector's fallback guard (more than
+    2 x 1/sqrt(n) above it)."""
+    import numpy as np
+
     from tasks import get_task
-    from tune.stats import fallback_guard
+    from tune.stats import Bootstrap, fallback_guard
 
     ok = {(r["config"], r["task"], r["seed"]): r for r in rows if "error" not in r}
     seeds = sorted({r["seed"] for r in rows})
@@ -234,10 +239,21 @@ def per_seed_table(rows: list[dict], configs: list[str], tasks: list[str]) -> st
                     continue
                 if trivial.get((t, seed)) is None:  # the same examples for every config: any row's will do
                     trivial[(t, seed)] = r.get("trivial_score")
-                learned = fallback_guard(r["score"], r.get("trivial_score"), r.get("n_eval"), get_task(t)).learned
+                f = predictions_dir / f"{t}-{c}-{seed}.npz" if predictions_dir else None
+                interval = ""
+                if f is not None and f.is_file():
+                    with np.load(f) as z:
+                        p, y = z["predictions"], z["labels"]
+                    bs = Bootstrap(get_task(t), y)
+                    scores_b = bs.scores(p)
+                    ci = bs.interval(p)
+                    interval = f" [{ci.low:.3f}, {ci.high:.3f}]"
+                    learned = bs.guard(p, scores=scores_b).learned
+                else:
+                    learned = fallback_guard(r["score"], r.get("trivial_score"), r.get("n_eval"), get_task(t)).learned
                 mark = " (chance)" if learned is False else ""
                 sparsity = f" / {100 * r['sparsity']:.0f}%" if r.get("sparsity") else ""
-                cells.append(f"{r['score']:.3f}{sparsity}{mark}")
+                cells.append(f"{r['score']:.3f}{interval}{sparsity}{mark}")
                 scores.append(r["score"])
             if scores:
                 mean = f"{statistics.mean(scores):.3f}" + ("" if len(scores) == len(tasks) else " (partial)")
@@ -381,14 +397,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(table(rows, [c for c in a.configs.split(",") if c], a.tasks.split(",")))
     if a.per_seed:
-        print("\nPer seed (score / exported sparsity; \"(chance)\": not clearly above the trivial predictor):\n")
-        print(per_seed_table(rows, [c for c in a.configs.split(",") if c], a.tasks.split(",")))
-        if a.predictions_dir and Path(a.predictions_dir).is_dir():
+        preds = Path(a.predictions_dir) if a.predictions_dir and Path(a.predictions_dir).is_dir() else None
+        print("\nPer seed (score" + (" [95% bootstrap interval over the evaluation examples]" if preds else "")
+              + " / exported sparsity; \"(chance)\": not clearly above the trivial predictor):\n")
+        print(per_seed_table(rows, [c for c in a.configs.split(",") if c], a.tasks.split(","), preds))
+        if preds is not None:
             print("\nFineGates through the trusted selector (each task's validation set split as a sweep splits it, "
                   "seeded by the run's seed; report-part score (selection-part score [95% interval]) / exported "
                   "sparsity, picked config):\n")
-            print(selector_table(rows, [c for c in a.configs.split(",") if c], a.tasks.split(","),
-                                 Path(a.predictions_dir), budgets))
+            print(selector_table(rows, [c for c in a.configs.split(",") if c], a.tasks.split(","), preds, budgets))
     errors = [r for r in rows if "error" in r]
     for r in errors:
         print(f"failed: {r['task']} {r['config']} seed {r['seed']}: {r['error']}", file=sys.stderr)

@@ -7,6 +7,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 _spec = importlib.util.spec_from_file_location("compression_frontier",
                                                Path(__file__).parents[1] / "benchmarks" / "compression_frontier.py")
 cf = importlib.util.module_from_spec(_spec)
@@ -45,6 +47,23 @@ def test_per_seed_rows_are_single_models_and_chance_is_marked():
     assert lines[2:] == ["| lora | 1 | 0.800 | 0.800 |", "| lora | 2 | 0.520 (chance) | 0.520 |",
                          "| fg-40-kd | 1 | 0.780 / 40% | 0.780 |", "| fg-40-kd | 2 | 0.770 / 41% | 0.770 |",
                          "| trivial predictor | 1 | 0.510 | |", "| trivial predictor | 2 | 0.510 | |"]
+
+
+def test_per_seed_cells_with_predictions_carry_their_interval_and_the_bootstrap_guard(tmp_path):
+    import numpy as np
+
+    y = np.array([0, 1] * 200)
+    good = y.copy()
+    good[:40] = 1 - good[:40]  # 90% right
+    np.savez(tmp_path / "sst2-lora-1.npz", predictions=good, labels=y)
+    np.savez(tmp_path / "sst2-fg-40-kd-1.npz", predictions=np.ones_like(y), labels=y)  # the majority class
+    rows = [{"task": "sst2", "config": "lora", "seed": 1, "score": 0.9, "trivial_score": 0.5, "n_eval": 400},
+            {"task": "sst2", "config": "fg-40-kd", "seed": 1, "score": 0.5, "trivial_score": 0.5, "n_eval": 400,
+             "sparsity": 0.4}]
+    lines = cf.per_seed_table(rows, ["lora", "fg-40-kd"], ["sst2"], tmp_path).splitlines()
+    lo, hi = (float(x) for x in lines[2].split("[")[1].split("]")[0].split(", "))
+    assert lo < 0.9 < hi and hi - lo == pytest.approx(2 * 1.96 * (0.9 * 0.1 / 400) ** 0.5, abs=0.01)
+    assert lines[3].startswith("| fg-40-kd | 1 | 0.500 [") and lines[3].endswith("] / 40% (chance) | 0.500 |")
 
 
 def test_finegates_rows_through_the_trusted_selector(tmp_path):
