@@ -324,6 +324,9 @@ def selector_table(rows: list[dict], configs: list[str], tasks: list[str], predi
                     cells.append("not learned")
                 elif c is None:
                     cells.append("none eligible")
+                elif pick["report"][c] <= pick["report_trivial"]:  # the sweep does not register it
+                    cells.append(f"not confirmed: `{c}` {pick['report'][c]:.3f} on the held-out part, trivial "
+                                 f"{pick['report_trivial']:.3f}")
                 else:
                     i = pick["interval"][c]
                     cells.append(f"{pick['report'][c]:.3f} (selection {i.estimate:.3f} [{i.low:.3f}, {i.high:.3f}])"

@@ -54,9 +54,10 @@ def trusted_picks(runs: dict[str, dict[str, np.ndarray]], task_name: str, split_
 
     ``sparsity``: config -> exported sparsity (default: the target a config's name gives, ``fg-40-kd`` 0.4).
     Returns {"learned", "guard", "interval": {config: Interval}, "prediction": {config: Interval},
-    "report": {config: score}, "picks": {budget: config or None}}; ``prediction`` is where the report score
-    should fall (``tune.stats.prediction_interval``)."""
-    from tasks import compute_metrics, get_task
+    "report": {config: score}, "report_trivial": score, "picks": {budget: config or None}}; ``prediction`` is
+    where the report score should fall (``tune.stats.prediction_interval``); a pick is registered by a sweep
+    only if its report score is above ``report_trivial``, the trivial predictor's on the report part."""
+    from tasks import compute_metrics, get_task, trivial_predictions
     from tasks.data import split_eval
     from tune.pareto import Point, select
     from tune.stats import Bootstrap, prediction_interval
@@ -83,7 +84,8 @@ def trusted_picks(runs: dict[str, dict[str, np.ndarray]], task_name: str, split_
             chosen = select(points, b, rule="paired", diff_low=diff_low).chosen
             picks[b] = None if chosen is None else chosen.id
     return {"learned": bool(guard.learned), "guard": guard, "interval": intervals, "prediction": prediction,
-            "report": report, "picks": picks}
+            "report": report, "report_trivial": float(compute_metrics(task, trivial_predictions(task, labels[rep]),
+                                                                      labels[rep])["score"]), "picks": picks}
 
 
 def coverage(runs: dict[str, dict[str, np.ndarray]], task_name: str, split_seed: int, report_frac: float,

@@ -69,16 +69,23 @@ def test_per_seed_cells_with_predictions_carry_their_interval_and_the_bootstrap_
 def test_finegates_rows_through_the_trusted_selector(tmp_path):
     import numpy as np
 
+    from tasks import get_task
+    from tasks.data import split_eval
+
     y = np.array([0, 1] * 100)
     chance = np.ones_like(y)  # always class 1: the trivial predictor
+    _, held_out = split_eval(get_task("qnli"), y, 0.5, 7)  # the report half the selector will hold out
+    overfit = y.copy()
+    overfit[held_out] = 1 - y[held_out]  # right on the selection half, wrong on every held-out example
     rows = []
-    for task, good in (("sst2", y), ("rte", chance)):
+    for task, good in (("sst2", y), ("rte", chance), ("qnli", overfit)):
         for config, sparsity in (("fg-0-kd", 0.05), ("fg-40-kd", 0.41), ("lora", 0.0)):
             np.savez(tmp_path / f"{task}-{config}-7.npz", predictions=good, labels=y)
             rows.append({"task": task, "config": config, "seed": 7, "score": 1.0, "sparsity": sparsity})
-    lines = cf.selector_table(rows, ["fg-0-kd", "fg-40-kd", "lora"], ["sst2", "rte"], tmp_path, [0.02]).splitlines()
-    assert lines[2].startswith("| budget 0.02 | 7 | 1.000 (selection 1.000 [1.000, 1.000]) / 41% `fg-40-kd` | "
-                               "not learned | 1.000 (partial) |")
+    lines = cf.selector_table(rows, ["fg-0-kd", "fg-40-kd", "lora"], ["sst2", "rte", "qnli"], tmp_path,
+                              [0.02]).splitlines()
+    assert lines[2] == ("| budget 0.02 | 7 | 1.000 (selection 1.000 [1.000, 1.000]) / 41% `fg-40-kd` | not learned | "
+                        "not confirmed: `fg-40-kd` 0.000 on the held-out part, trivial 0.500 | 1.000 (partial) |")
 
 
 def test_bad_head_lr_or_budgets_are_one_line_and_exit_2(tmp_path, capsys):

@@ -48,10 +48,18 @@ class Report:
     n: int | None = None
     note: str = ""
     computed_now: bool = False
+    trivial: float | None = None  # the trivial predictor's score on the report part
+
+    @property
+    def confirms(self) -> bool | None:
+        """The pick beats the trivial predictor on the held-out examples too (None when either is unknown)."""
+        if self.score is None or self.trivial is None:
+            return None
+        return bool(self.score > self.trivial)
 
     def to_dict(self) -> dict[str, Any]:
         return {"report_score": self.score, "report_score_ci": list(self.ci) if self.ci else None,
-                "report_n": self.n, "report_note": self.note}
+                "report_n": self.n, "report_note": self.note, "report_trivial_score": self.trivial}
 
 
 def trial_config(run, data_dir: str | None = None) -> "TrainConfig | None":
@@ -73,7 +81,8 @@ def report_score(tracker: Tracker, run, task: "TaskSpec", model_dir: str | os.Pa
     m = run.data.metrics
     if "report_score" in m:
         ci = (m["report_score_ci_low"], m["report_score_ci_high"]) if "report_score_ci_low" in m else None
-        return Report(m["report_score"], ci, int(m["report_n"]) if "report_n" in m else None)
+        return Report(m["report_score"], ci, int(m["report_n"]) if "report_n" in m else None,
+                      trivial=m.get("report_trivial_score"))
     cfg = trial_config(run, data_dir)
     if cfg is None or cfg.eval_part != "selection":
         return Report(None, note="no report part: this trial was evaluated on its whole evaluation set (a sweep made "
@@ -92,7 +101,8 @@ def report_score(tracker: Tracker, run, task: "TaskSpec", model_dir: str | os.Pa
                                  "--data-dir to score it")
     bs = Bootstrap(task, labels, n_resamples, seed, CONFIDENCE)
     ci = bs.interval(preds)
-    rep = Report(ci.estimate, (ci.low, ci.high), int(labels.size), computed_now=True)
+    rep = Report(ci.estimate, (ci.low, ci.high), int(labels.size), computed_now=True,
+                 trivial=bs.point(bs.trivial()))
     _log(tracker, run.info.run_id, rep, preds, labels)
     return rep
 
@@ -129,6 +139,8 @@ def _log(tracker: Tracker, run_id: str, rep: Report, preds: np.ndarray, labels: 
 
     now = int(time.time() * 1000)
     metrics = [Metric("report_score", float(rep.score), now, 0), Metric("report_n", float(rep.n), now, 0)]
+    if rep.trivial is not None:
+        metrics.append(Metric("report_trivial_score", float(rep.trivial), now, 0))
     if rep.ci:
         metrics += [Metric("report_score_ci_low", float(rep.ci[0]), now, 0),
                     Metric("report_score_ci_high", float(rep.ci[1]), now, 0)]

@@ -61,7 +61,7 @@ PREDICTIONS_ARTIFACT = "eval_predictions.npz"
 #: task-level guard outcomes (parent run tag ``selection_status``)
 LEARNED, NOT_LEARNED, UNVERIFIED = "learned", "not_learned", "unverified"
 #: per (task, budget) row status in selection.json
-SELECTED, NONE_ELIGIBLE = "selected", "none_eligible"
+SELECTED, NONE_ELIGIBLE, NOT_CONFIRMED = "selected", "none_eligible", "not_confirmed"
 #: which latency --select-by latency compares: the trial's device (its GPU when it had one) or the CPU
 LATENCY_DEVICES = ("trial", "cpu")
 
@@ -433,12 +433,17 @@ def _select_task(tracker: Tracker, task: str, points: list[Point], budgets: list
                                           f"{ref_st.mean:.4f}"})
                 s = select(points, b, mode, select_by, rule=applied,
                            exclude=excluded | {d["run_id"] for d in dropped}, diff_low=diff_low)
-        if s is not None and s.chosen is not None:
+        rep: Report | None = None
+        if s is not None and s.chosen is not None:  # the pick is scored once on the held-out part, then confirmed
             run = s.chosen.info["run"]
             previous = json.loads(sel_file.read_text()) if sel_file.is_file() else None
             unchanged = previous is not None and previous.get("chosen_run_id") == run.info.run_id and dest.is_dir()
             if not unchanged:
                 _copy_model(tracker, run, dest)
+            if run.info.run_id not in reports:  # once per pick (two budgets may pick the same trial)
+                reports[run.info.run_id] = report_score(tracker, run, spec, dest, data_dir, n_resamples, seed)
+            rep = reports[run.info.run_id]
+        if rep is not None and rep.confirms is not False:
             version = register(tracker, task, run, b, suffix) if do_register and run.data.tags.get("model_uri") else None
             m = run.data.metrics
             d = diffs.get(run.info.run_id)
@@ -446,9 +451,9 @@ def _select_task(tracker: Tracker, task: str, points: list[Point], budgets: list
             if s.chosen.id not in ev.preds:
                 pick_notes.append("the chosen trial has no eval predictions: no interval; it passed the guard by the "
                                   "1/sqrt(n) fallback")
-            if run.info.run_id not in reports:  # once per pick (two budgets may pick the same trial)
-                reports[run.info.run_id] = report_score(tracker, run, spec, dest, data_dir, n_resamples, seed)
-            rep = reports[run.info.run_id]
+            if rep.confirms is None and rep.score is not None:
+                pick_notes.append("the report part has no trivial score (scored before it was recorded): the pick "
+                                  "was not checked against the trivial predictor on held-out examples")
             if dropped:
                 pick_notes.append(f"{len(dropped)} earlier pick(s) did not hold up over seeds and were dropped "
                                   "(dropped_after_seeds)")
@@ -485,11 +490,17 @@ def _select_task(tracker: Tracker, task: str, points: list[Point], budgets: list
                 "selection_score": m.get("score"), **rep.to_dict(),
                 "report_within_selection_ci": within(rep, _ci(ev.interval(run.info.run_id))),
                 "report_prediction_interval": expected, "report_within_prediction_interval": within(rep, expected),
-                "seeds": pick_seeds.to_dict() if pick_seeds else None,
+                "refused_run_id": None, "seeds": pick_seeds.to_dict() if pick_seeds else None,
                 "reference_seeds": ref_seeds.to_dict() if ref_seeds else None, "dropped_after_seeds": dropped,
             }
         else:  # no pick: no model directory, no alias (an earlier selection's are removed)
-            if s is not None:
+            if rep is not None:  # a pick the held-out part does not confirm
+                row_status = NOT_CONFIRMED
+                row_reason = (f"the pick (run {run.info.run_id}, selection score {run.data.metrics.get('score', float('nan')):.4f}) "
+                              f"scores {rep.score:.4f} on the {rep.n} held-out examples, not above the trivial "
+                              f"predictor's {rep.trivial:.4f} there: the task is not confirmed as learned, and no model "
+                              f"gets the alias of budget {b:g}")
+            elif s is not None:
                 row_status = NONE_ELIGIBLE
                 row_reason = (f"no trial is eligible at budget {b:g}: {len(excluded)} of {len(points)} trials are "
                               "not clearly above the trivial predictor and are never eligible, the others are not "
@@ -511,10 +522,13 @@ def _select_task(tracker: Tracker, task: str, points: list[Point], budgets: list
                 "validation_source": ref.info["run"].data.tags.get("validation_source", ""),
                 "selection_score": None, "report_score": None, "report_score_ci": None, "report_n": None,
                 "report_note": "", "report_within_selection_ci": None, "report_prediction_interval": None,
-                "report_within_prediction_interval": None, "seeds": None,
-                "reference_seeds": seed_stats[ref.id].to_dict() if ref.id in seed_stats else None,
+                "report_within_prediction_interval": None, "report_trivial_score": None, "refused_run_id": None,
+                "seeds": None, "reference_seeds": seed_stats[ref.id].to_dict() if ref.id in seed_stats else None,
                 "dropped_after_seeds": dropped,
             }
+            if rep is not None:  # what refused the pick, kept for the reader
+                record |= {"refused_run_id": run.info.run_id, "selection_score": run.data.metrics.get("score"),
+                           **rep.to_dict()}
         record = _finite(record)
         tmp = sel_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=2, default=str))

@@ -3,6 +3,7 @@ only when the split rebuilt where the selector runs is the trial's; a seed re-ru
 import json
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
@@ -117,6 +118,14 @@ def test_a_matching_split_is_scored_once_and_logged(glue_dir, tmp_path, tracker,
     rep = report_score(tracker, tracker.client.get_run(run_id), get_task("rte"), result["model_path"], str(glue_dir))
     assert rep.score is not None and rep.note == "" and rep.n == 40 and rep.computed_now
     assert tracker.client.get_run(run_id).data.metrics["report_score"] == pytest.approx(rep.score)
+    # the majority class on the same 40 held-out examples, logged with it and read back with it
+    from tune.stats import Bootstrap
+
+    labels = np.load(tracker.client.download_artifacts(run_id, "report_predictions.npz"))["labels"]
+    bs = Bootstrap(get_task("rte"), labels)
+    assert rep.trivial == pytest.approx(bs.point(bs.trivial())) and rep.confirms == (rep.score > rep.trivial)
+    again = report_score(tracker, tracker.client.get_run(run_id), get_task("rte"), result["model_path"], str(glue_dir))
+    assert not again.computed_now and again.trivial == pytest.approx(rep.trivial)
 
 
 @pytest.mark.slow

@@ -348,3 +348,32 @@ def test_latencies_on_one_device_are_compared_as_they_are(store):
     [row] = store.select(["sst2"], [0.05], select_by="latency", do_register=False)
     assert row["chosen_run_id"] == fast and row["latency_compared"] == "latency_ms"
     assert not any("different devices" in n for n in row["notes"])
+
+
+def _held_out(store, rid, score, trivial, n=200):
+    """The report part as tune.heldout logs it once a pick was scored there (read back, not recomputed)."""
+    store.client.log_batch(rid, metrics=[Metric("report_score", score, 0, 0), Metric("report_n", float(n), 0, 0),
+                                         Metric("report_trivial_score", trivial, 0, 0)])
+
+
+def test_a_pick_the_held_out_part_does_not_confirm_is_not_registered(store):
+    """The guard passed on the selection part, but on the held-out part the pick is no better than the majority
+    class: no alias, no model directory, and the row says why (issue 11: no chance-level model registered)."""
+    y = labelled(400, seed=21)
+    good = right_on(y, 0.9)
+    ref = store.trial("mrpc", good, y, 0.0, reference=True)
+    sparse = store.trial("mrpc", good, y, 0.4, latency_ms=6.0)
+    _held_out(store, ref, 0.70, 0.72)
+    _held_out(store, sparse, 0.70, 0.72)  # below the majority class on the 200 held-out examples
+    learned = store.trial("sst2", good, y, 0.0, reference=True)
+    _held_out(store, learned, 0.88, 0.60)
+    rows = store.select(["mrpc", "sst2"], [0.02])
+    mrpc, sst2 = rows
+    assert mrpc["status"] == "not_confirmed" and mrpc["refused_run_id"] == sparse
+    assert mrpc["chosen_run_id"] is None and mrpc["model_version"] is None and mrpc["model_dir"] is None
+    assert mrpc["report_score"] == 0.70 and mrpc["report_trivial_score"] == 0.72
+    assert "not above the trivial predictor's 0.7200 there" in mrpc["reason"]
+    assert store.alias("mrpc", "budget-0_02") is None
+    assert not (store.root / "selection" / "mrpc" / "budget-0.02").exists()
+    assert sst2["status"] == "selected" and sst2["report_trivial_score"] == 0.60 and sst2["refused_run_id"] is None
+    assert store.alias("sst2", "budget-0_02").run_id == learned
