@@ -325,7 +325,8 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool 
     if teacher is not None:
         result.update({"teacher_path": str(teacher.path), "teacher_score": teacher.info["score"],
                        "teacher_train_time_s": teacher.info["train_time_s"], "teacher_reused": teacher.reused})
-    result.update({k: v for k, v in history[-1].items() if k in ("gate_sparsity", "expected_sparsity")})
+    result.update({k: v for k, v in history[-1].items() if k in ("gate_sparsity", "expected_sparsity",
+                                                                "expected_sparsity_at_pin")})
     result.setdefault("gate_sparsity", 0.0)  # methods without gates
     if cfg.output_dir:
         out = Path(cfg.output_dir).resolve()

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: warn when the controller's expected sparsity at the pin is this far below the target (the pin closes the rest)
+PIN_GAP_WARN = 0.1
+
 
 @dataclasses.dataclass(frozen=True)
 class FineGatesOptions:
@@ -63,6 +66,7 @@ class FineGates(Method):
         self.model: nn.Module | None = None
         self.recovery_start: int | None = None  # first step of the recovery phase (None: no recovery)
         self.pinned_at: int | None = None
+        self.expected_at_pin: float | None = None  # the controller's expected sparsity just before the pin
 
     def penalised(self, cfg: "TrainConfig") -> bool:
         if cfg.penalty == "controller":
@@ -104,6 +108,13 @@ class FineGates(Method):
         if self.in_recovery(step):
             if self.pinned_at is None:
                 if cfg.penalty == "controller":  # pin the structure the exporter writes: it exports the target
+                    self.expected_at_pin = float(gm.expected_sparsity(model).detach())
+                    if cfg.target_sparsity - self.expected_at_pin > PIN_GAP_WARN:
+                        log.warning(
+                            "the controller reached %.0f%% expected sparsity of the %.0f%% target by the pin at step "
+                            "%d: the pin closes the rest at once, which can cost much accuracy (docs/COMPRESSION.md, "
+                            "'A pin that closes too much at once'); more steps, a larger --dual-lr or a lower target "
+                            "help", 100 * self.expected_at_pin, 100 * cfg.target_sparsity, step)
                     gm.pin_to_target(model, cfg.target_sparsity, align=DEFAULT_ALIGN)
                 else:
                     gm.pin_to_target(model, None)
@@ -138,6 +149,8 @@ class FineGates(Method):
             out["lagrange_l1"] = float(self.controller.l1.detach())
         if self.pinned_at is not None:
             out["pinned_at_step"] = self.pinned_at
+        if self.expected_at_pin is not None:
+            out["expected_sparsity_at_pin"] = self.expected_at_pin
         return out
 
 

@@ -95,3 +95,16 @@ def test_recovery_pins_the_structure_and_export_keeps_it(glue_dir):
     assert state["closed"] > 0 and r["gate_sparsity"] == state["closed"]
     # the pin keeps the structure the aligned exporter writes: the export removes the target, not less
     assert 0.5 <= r["sparsity"] <= 0.55 and r["export_max_abs_diff"] <= 1e-4
+    assert 0 <= r["history"][-1]["expected_sparsity_at_pin"] <= 1
+
+
+def test_a_pin_far_below_the_target_is_recorded_and_warned(glue_dir, caplog):
+    """4 steps of a slow controller: the expected sparsity at the pin is far below the 50% target, and the run
+    says so (the pin then closes the rest at once: docs/COMPRESSION.md)."""
+    cfg = TrainConfig(**TINY | {"max_train": 64}, data_dir=str(glue_dir), target_sparsity=0.5, dual_lr=1e-3,
+                      warmup_frac=0.25, recovery_frac=0.5)
+    with caplog.at_level("WARNING", logger="finegates.methods.finegates"):
+        r = run(cfg)
+    at_pin = r["expected_sparsity_at_pin"]
+    assert at_pin == r["history"][-1]["expected_sparsity_at_pin"] < 0.4 and r["history"][-1]["pinned_at_step"] == 2
+    assert any("of the 50% target by the pin at step 2" in m for m in caplog.messages)
