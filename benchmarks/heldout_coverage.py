@@ -89,7 +89,8 @@ def trusted_picks(runs: dict[str, dict[str, np.ndarray]], task_name: str, split_
 
 
 def coverage(runs: dict[str, dict[str, np.ndarray]], task_name: str, split_seed: int, report_frac: float,
-             budgets: list[float], resamples: int) -> tuple[list[tuple[bool, bool]], list[tuple[float, str, bool, bool]], bool]:
+             budgets: list[float], resamples: int
+             ) -> tuple[list[tuple[bool, bool]], list[tuple[float, str, bool, bool]], bool]:
     """One split of one (task, seed): ((report inside the selection interval, inside the prediction interval)
     per run), ((budget, pick, inside the selection interval, inside the prediction interval) per budget with
     a pick), learned (the reference passes the guard)."""

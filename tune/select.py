@@ -496,7 +496,8 @@ def _select_task(tracker: Tracker, task: str, points: list[Point], budgets: list
         else:  # no pick: no model directory, no alias (an earlier selection's are removed)
             if rep is not None:  # a pick the held-out part does not confirm
                 row_status = NOT_CONFIRMED
-                row_reason = (f"the pick (run {run.info.run_id}, selection score {run.data.metrics.get('score', float('nan')):.4f}) "
+                sel_score = run.data.metrics.get("score", float("nan"))
+                row_reason = (f"the pick (run {run.info.run_id}, selection score {sel_score:.4f}) "
                               f"scores {rep.score:.4f} on the {rep.n} held-out examples, not above the trivial "
                               f"predictor's {rep.trivial:.4f} there: the task is not confirmed as learned, and no model "
                               f"gets the alias of budget {b:g}")
