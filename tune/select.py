@@ -499,8 +499,8 @@ def _select_task(tracker: Tracker, task: str, points: list[Point], budgets: list
                 sel_score = run.data.metrics.get("score", float("nan"))
                 row_reason = (f"the pick (run {run.info.run_id}, selection score {sel_score:.4f}) "
                               f"scores {rep.score:.4f} on the {rep.n} held-out examples, not above the trivial "
-                              f"predictor's {rep.trivial:.4f} there: the task is not confirmed as learned, and no model "
-                              f"gets the alias of budget {b:g}")
+                              f"predictor's {rep.trivial:.4f} there: the pick is not confirmed on held-out data, and no "
+                              f"model gets the alias of budget {b:g}")
             elif s is not None:
                 row_status = NONE_ELIGIBLE
                 row_reason = (f"no trial is eligible at budget {b:g}: {len(excluded)} of {len(points)} trials are "
