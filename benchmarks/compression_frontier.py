@@ -223,7 +223,7 @@ def per_seed_table(rows: list[dict], configs: list[str], tasks: list[str], predi
     import numpy as np
 
     from tasks import get_task
-    from tune.stats import Bootstrap, fallback_guard
+    from tune.stats import Bootstrap, fallback_guard, percentile_interval
 
     ok = {(r["config"], r["task"], r["seed"]): r for r in rows if "error" not in r}
     seeds = sorted({r["seed"] for r in rows})
@@ -245,8 +245,8 @@ def per_seed_table(rows: list[dict], configs: list[str], tasks: list[str], predi
                     with np.load(f) as z:
                         p, y = z["predictions"], z["labels"]
                     bs = Bootstrap(get_task(t), y)
-                    scores_b = bs.scores(p)
-                    ci = bs.interval(p)
+                    scores_b = bs.scores(p)  # once, for the interval and the guard
+                    ci = percentile_interval(scores_b, bs.point(p))
                     interval = f" [{ci.low:.3f}, {ci.high:.3f}]"
                     learned = bs.guard(p, scores=scores_b).learned
                 else:

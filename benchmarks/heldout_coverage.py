@@ -57,7 +57,7 @@ def trusted_picks(runs: dict[str, dict[str, np.ndarray]], task_name: str, split_
     "report": {config: score}, "report_trivial": score, "picks": {budget: config or None}}; ``prediction`` is
     where the report score should fall (``tune.stats.prediction_interval``); a pick is registered by a sweep
     only if its report score is above ``report_trivial``, the trivial predictor's on the report part."""
-    from tasks import compute_metrics, get_task, trivial_predictions
+    from tasks import compute_metrics, get_task, trivial_score
     from tasks.data import split_eval
     from tune.pareto import Point, select
     from tune.stats import Bootstrap, prediction_interval
@@ -84,8 +84,7 @@ def trusted_picks(runs: dict[str, dict[str, np.ndarray]], task_name: str, split_
             chosen = select(points, b, rule="paired", diff_low=diff_low).chosen
             picks[b] = None if chosen is None else chosen.id
     return {"learned": bool(guard.learned), "guard": guard, "interval": intervals, "prediction": prediction,
-            "report": report, "report_trivial": float(compute_metrics(task, trivial_predictions(task, labels[rep]),
-                                                                      labels[rep])["score"]), "picks": picks}
+            "report": report, "report_trivial": float(trivial_score(task, labels[rep])), "picks": picks}
 
 
 def coverage(runs: dict[str, dict[str, np.ndarray]], task_name: str, split_seed: int, report_frac: float,

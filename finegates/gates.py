@@ -163,7 +163,6 @@ def gate_values(gates: Sequence[Gate]) -> GateValues:
     return GateValues(z, sizes)
 
 
-
 def p_open_all(gates: Sequence[Gate]) -> list[torch.Tensor]:
     """Every gate's :meth:`Gate.p_open`, computed in one chain of ops over all the gates."""
     if not gates:

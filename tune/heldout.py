@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tasks import trivial_score
 from tune.stats import CONFIDENCE, RESAMPLES, SEED, Bootstrap
 from tune.tracking import Tracker, with_retry
 
@@ -102,7 +103,7 @@ def report_score(tracker: Tracker, run, task: "TaskSpec", model_dir: str | os.Pa
     bs = Bootstrap(task, labels, n_resamples, seed, CONFIDENCE)
     ci = bs.interval(preds)
     rep = Report(ci.estimate, (ci.low, ci.high), int(labels.size), computed_now=True,
-                 trivial=bs.point(bs.trivial()))
+                 trivial=trivial_score(task, labels))
     _log(tracker, run.info.run_id, rep, preds, labels)
     return rep
 
