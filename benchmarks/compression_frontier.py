@@ -58,6 +58,10 @@ CONFIGS: dict[str, list[str]] = {
     "fgl-0-kd": ["--method", "finegates-lora", "--target-sparsity", "0", "--teacher", "lora", "--lr", "1e-3"],
     "fgl-40-kd": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "lora", "--lr", "1e-3"],
     "fgl-60-kd": ["--method", "finegates-lora", "--target-sparsity", "0.6", "--teacher", "lora", "--lr", "1e-3"],
+    # -atpin: what the gates have not closed by the pin closes at the pin, all at once (before session 9)
+    "fg-40-kd-atpin": ["--target-sparsity", "0.4", "--teacher", "lora", "--close-schedule", "at-pin"],
+    "fgl-40-kd-atpin": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "lora", "--lr", "1e-3",
+                        "--close-schedule", "at-pin"],
     # fglqv-<t>: FineGates-LoRA with LoRA inside the gates of Q and V only (peft LoRA's placement, a third of the cost)
     "fglqv-40-kd": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "lora", "--lr", "1e-3",
                     "--option", 'lora_slots=["q","v"]'],

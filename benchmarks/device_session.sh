@@ -39,9 +39,11 @@ if [ "${1:-}" = "--smoke" ]; then
     FRONTIER_JOBS=${FRONTIER_JOBS:-2}
 fi
 C=$(realpath "${1:?carry dir}"); OUT=$(realpath "${2:?out dir}"); DEADLINE=${3:-560}
-# session 7's choice for the next GPU: the new cheaper FineGates-LoRA (LoRA in the Q and V gates) beside the
-# configs it must beat, on two seeds (runs go seed by seed, so the first seed completes first)
-CONFIGS=${FRONTIER_CONFIGS:-lora,fglqv-40-kd,fgl-40-kd,fg-40-kd}
+# for the next GPU: FineGates-LoRA with the gradual close schedule (session 9's default) beside the same with
+# all of the closing at the pin, the cheaper FineGates-LoRA (LoRA in the Q and V gates, session 7) and target 0
+# with LoRA inside the gates (issue 9's lambda-0 goal), against LoRA, on two seeds (runs go seed by seed, so
+# the first seed completes first)
+CONFIGS=${FRONTIER_CONFIGS:-lora,fgl-40-kd,fgl-40-kd-atpin,fglqv-40-kd,fgl-0-kd}
 SEEDS=${FRONTIER_SEEDS:-1948,7}
 export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 FINEGATES_GLUE_DIR=$C/glue
 MODEL=/tmp/finegates-minilm

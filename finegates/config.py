@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from finegates.errors import ConfigError
-from finegates.gated_model import LAYOUTS, PENALTIES
+from finegates.gated_model import CLOSE_SCHEDULES, LAYOUTS, PENALTIES
 from finegates.gates import GATE_INITS
 
 
@@ -55,6 +55,9 @@ class TrainConfig:
     dual_lr: float = 0.15  # controller: learning rate of its multipliers (docs/COMPRESSION.md)
     warmup_frac: float = 0.4  # controller: fraction of steps over which the target ramps up from 0
     recovery_frac: float = 0.3  # last fraction of steps with the structure fixed (0 = none)
+    # controller: gradual (what the gates have not closed by a linear schedule that reaches the target at the
+    # pin is closed as the run goes, least open first) | at-pin (all of it at the pin; docs/COMPRESSION.md)
+    close_schedule: str = "gradual"
     # distillation from a dense teacher finetuned on the same data (trained once, cached)
     teacher: str = "lora"  # lora | full | none (docs/COMPRESSION.md: distillation wins, so it is on)
     distill_alpha: float = 0.5  # loss = (1 - alpha) task + alpha distillation
@@ -105,6 +108,8 @@ class TrainConfig:
             raise bad("penalty", self.penalty, ", ".join(PENALTIES))
         if self.layout not in LAYOUTS:
             raise bad("layout", self.layout, ", ".join(LAYOUTS))
+        if self.close_schedule not in CLOSE_SCHEDULES:
+            raise bad("close_schedule", self.close_schedule, ", ".join(CLOSE_SCHEDULES))
         if not finite(self.target_sparsity) or not 0 <= self.target_sparsity < 1:
             raise bad("target_sparsity", self.target_sparsity, "a number in [0, 1)")
         if not isinstance(self.rank, int) or self.rank < 0:

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 LAYOUTS = ("independent", "coupled")
 PENALTIES = ("controller", "paper", "code")
+CLOSE_SCHEDULES = ("gradual", "at-pin")  # when the controller's units that lag its target close (TrainConfig)
 SLOTS = ("q", "k", "v", "o", "up", "down")  # BERT's slots (a family may have more: Llama's "gate")
 
 
@@ -223,8 +224,19 @@ def pin_to_target(model: nn.Module, target: float | None, align: int | None = No
     """
     if align is not None and target is not None and family_of(model).name == "bert":  # the aligned plan knows BERT's layout only
         return _pin_aligned(model, target, align, align > 1 if same_head_dim is None else same_head_dim)
+    lo = -0.5 if target is None else close_least_open(model, target)
+    for g in all_gates(model):
+        g.pin()
+    return lo
+
+
+@torch.no_grad()
+def close_least_open(model: nn.Module, target: float) -> float:
+    """Close the least open units (lowest mu) until the removed fraction (unaligned, as
+    :func:`closure_sparsity` counts it) reaches ``target``; never reopens a unit. Returns the mu threshold
+    used (-0.5: nothing had to close)."""
     lo = -0.5  # mu <= -0.5 is closed already
-    if target is not None and closure_sparsity(model, lo) < target:
+    if closure_sparsity(model, lo) < target:
         hi = 1.0  # everything closed
         for _ in range(40):  # bisection on the threshold: closure_sparsity is monotone in it
             mid = 0.5 * (lo + hi)
@@ -234,9 +246,7 @@ def pin_to_target(model: nn.Module, target: float | None, align: int | None = No
                 lo = mid
         lo = hi
         for g in all_gates(model):
-            g.theta.copy_(torch.where(g.mu <= lo, torch.full_like(g.theta, -3.0), g.theta))
-    for g in all_gates(model):
-        g.pin()
+            g.theta.copy_(torch.where(g.mu <= lo, torch.full_like(g.theta, _CLOSED_THETA), g.theta))
     return lo
 
 

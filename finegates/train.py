@@ -326,7 +326,7 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool 
         result.update({"teacher_path": str(teacher.path), "teacher_score": teacher.info["score"],
                        "teacher_train_time_s": teacher.info["train_time_s"], "teacher_reused": teacher.reused})
     result.update({k: v for k, v in history[-1].items() if k in ("gate_sparsity", "expected_sparsity",
-                                                                "expected_sparsity_at_pin")})
+                                                                "expected_sparsity_at_pin", "schedule_closed")})
     result.setdefault("gate_sparsity", 0.0)  # methods without gates
     if cfg.output_dir:
         out = Path(cfg.output_dir).resolve()
@@ -402,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-frac", type=float, default=d.warmup_frac, help="controller target ramp, fraction of steps")
     p.add_argument("--recovery-frac", type=float, default=d.recovery_frac,
                    help="last fraction of steps with the pruned structure fixed and the kept weights training")
+    p.add_argument("--close-schedule", default=d.close_schedule,
+                   help="controller: gradual (units the gates have not closed by a linear schedule that reaches the "
+                   "target at the pin close as the run goes, least open first) or at-pin (all at the pin)")
     p.add_argument("--teacher", default=d.teacher, help="distil from a dense teacher finetuned on the same data: "
                    "none, lora, full (trained once, cached in --teacher-cache)")
     p.add_argument("--distill-alpha", type=float, default=d.distill_alpha, help="weight of the distillation loss")

@@ -37,7 +37,8 @@ FINAL_METRICS = ("score", "sparsity", "gate_sparsity", "params_total", "params_t
                  "params_exported", "latency_ms", "dense_latency_ms", "speedup", "train_time_s",
                  "export_max_abs_diff", "n_train", "n_eval", "teacher_score", "teacher_train_time_s",
                  "trivial_score", "speedup_q25", "speedup_q75", "cpu_latency_ms", "cpu_dense_latency_ms", "cpu_speedup",
-                 "cpu_speedup_q25", "cpu_speedup_q75", "expected_sparsity_at_pin")
+                 "cpu_speedup_q25", "cpu_speedup_q75", "expected_sparsity_at_pin",
+                 "schedule_closed")
 
 
 class TrackingError(RuntimeError):

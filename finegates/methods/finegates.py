@@ -67,6 +67,10 @@ class FineGates(Method):
         self.recovery_start: int | None = None  # first step of the recovery phase (None: no recovery)
         self.pinned_at: int | None = None
         self.expected_at_pin: float | None = None  # the controller's expected sparsity just before the pin
+        self.schedule_start = 0  # gradual closing: closed fraction from 0 at the end of the warmup ...
+        self.schedule_end: int | None = None  # ... to the target at the pin
+        self.schedule_closed = 0.0  # removed fraction that the schedule closed (the gates had not)
+        self.step = 0  # the step the last regularizer call was for
 
     def penalised(self, cfg: "TrainConfig") -> bool:
         if cfg.penalty == "controller":
@@ -90,6 +94,9 @@ class FineGates(Method):
                                               weight_decay=0.0)
         if cfg.recovery_frac > 0 and self.penalised(cfg):
             self.recovery_start = max(1, int(round((1.0 - cfg.recovery_frac) * total_steps)))
+        if self.controller is not None and cfg.close_schedule == "gradual":
+            self.schedule_start = self.controller.warmup_steps
+            self.schedule_end = self.recovery_start or total_steps
         return model
 
     def param_groups(self, model: nn.Module, cfg: "TrainConfig") -> list[dict]:
@@ -105,22 +112,23 @@ class FineGates(Method):
     def regularizer(self, model: nn.Module, step: int) -> torch.Tensor | None:
         cfg = self.cfg
         assert cfg is not None
+        self.step = step
         if self.in_recovery(step):
             if self.pinned_at is None:
                 if cfg.penalty == "controller":  # pin the structure the exporter writes: it exports the target
                     self.expected_at_pin = float(gm.expected_sparsity(model).detach())
-                    if cfg.target_sparsity - self.expected_at_pin > PIN_GAP_WARN:
+                    if cfg.close_schedule == "at-pin" and cfg.target_sparsity - self.expected_at_pin > PIN_GAP_WARN:
                         log.warning(
                             "the controller reached %.0f%% expected sparsity of the %.0f%% target by the pin at step "
                             "%d: the pin closes the rest at once, which can cost much accuracy (docs/COMPRESSION.md, "
-                            "'A pin that closes too much at once'); more steps, a larger --dual-lr or a lower target "
-                            "help", 100 * self.expected_at_pin, 100 * cfg.target_sparsity, step)
+                            "'A pin that closes too much at once'); --close-schedule gradual, more steps, a larger "
+                            "--dual-lr or a lower target help", 100 * self.expected_at_pin, 100 * cfg.target_sparsity, step)
                     gm.pin_to_target(model, cfg.target_sparsity, align=DEFAULT_ALIGN)
                 else:
                     gm.pin_to_target(model, None)
                 self.pinned_at = step
-                log.info("recovery from step %d: structure pinned at gate sparsity %.3f", step,
-                         gm.gate_sparsity(model))
+                log.info("recovery from step %d: structure pinned at gate sparsity %.3f (%.3f of it closed by the "
+                         "schedule)", step, gm.gate_sparsity(model), self.schedule_closed)
             return None
         if not self.penalised(cfg):
             return None
@@ -135,9 +143,26 @@ class FineGates(Method):
         if self.dual_opt is not None and self.pinned_at is None:
             self.dual_opt.step()
             self.dual_opt.zero_grad(set_to_none=True)
+        if self.schedule_end is not None and self.pinned_at is None and self.model is not None:
+            self._close_on_schedule(self.model, self.step + 1)
         if self.pinned_at is not None and self.model is not None:
             for g in gm.all_gates(self.model):
                 g.keep_open_()
+
+    @torch.no_grad()
+    def _close_on_schedule(self, model: nn.Module, step: int) -> None:
+        """Gradual closing: the closed fraction of the gated weights rises at least linearly from 0 at the end
+        of the controller's warmup to the target at the pin. What the gates have not closed by then closes now,
+        the least open units first, so the pin never has much left to close at once (docs/COMPRESSION.md,
+        "Closing on a schedule"). Before the end of the warmup the gates alone choose."""
+        assert self.cfg is not None and self.schedule_end is not None
+        start, end = self.schedule_start, self.schedule_end
+        frac = (step >= end) if end <= start else (step - start) / (end - start)
+        floor = self.cfg.target_sparsity * min(1.0, max(0.0, float(frac)))
+        closed = gm.closure_sparsity(model, -0.5)
+        if closed < floor:
+            gm.close_least_open(model, floor)
+            self.schedule_closed += gm.closure_sparsity(model, -0.5) - closed
 
     def metrics(self, model: nn.Module) -> dict[str, float]:
         with torch.no_grad():
@@ -151,6 +176,8 @@ class FineGates(Method):
             out["pinned_at_step"] = self.pinned_at
         if self.expected_at_pin is not None:
             out["expected_sparsity_at_pin"] = self.expected_at_pin
+        if self.schedule_end is not None:
+            out["schedule_closed"] = self.schedule_closed
         return out
 
 

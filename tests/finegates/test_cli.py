@@ -21,6 +21,7 @@ CASES = [
     (["--teacher", "bert"], "teacher='bert' is invalid; accepted: none, lora, full"),
     (["--distill-alpha", "2"], "distill_alpha=2.0 is invalid; accepted: a number in [0, 1]"),
     (["--dual-lr", "0"], "dual_lr=0.0 is invalid; accepted: a finite number > 0"),
+    (["--close-schedule", "later"], "close_schedule='later' is invalid; accepted: gradual, at-pin"),
     (["--head-lr", "-1"], "head_lr=-1.0 is invalid; accepted: a finite number > 0, or none for the method's lr"),
     (["--method", "finegates-lora", "--option", 'lora_slots=["q", "query"]'],
      "finegates option lora_slots=['q', 'query'] is invalid (query); accepted: slots of bert: q, k, v, o, up, down"),

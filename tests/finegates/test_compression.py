@@ -99,10 +99,10 @@ def test_recovery_pins_the_structure_and_export_keeps_it(glue_dir):
 
 
 def test_a_pin_far_below_the_target_is_recorded_and_warned(glue_dir, caplog):
-    """4 steps of a slow controller: the expected sparsity at the pin is far below the 50% target, and the run
-    says so (the pin then closes the rest at once: docs/COMPRESSION.md)."""
+    """4 steps of a slow controller that leaves all the closing to the pin: the expected sparsity at the pin is
+    far below the 50% target, and the run says so (the pin then closes the rest at once: docs/COMPRESSION.md)."""
     cfg = TrainConfig(**TINY | {"max_train": 64}, data_dir=str(glue_dir), target_sparsity=0.5, dual_lr=1e-3,
-                      warmup_frac=0.25, recovery_frac=0.5)
+                      warmup_frac=0.25, recovery_frac=0.5, close_schedule="at-pin")
     with caplog.at_level("WARNING", logger="finegates.methods.finegates"):
         r = run(cfg)
     at_pin = r["expected_sparsity_at_pin"]

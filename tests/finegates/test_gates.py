@@ -285,6 +285,44 @@ def test_speedup_spread_comes_from_interleaved_rounds():
     assert 0.6 <= two["speedup_q25"] <= two["speedup"] <= two["speedup_q75"] <= 2.0
 
 
+@pytest.mark.parametrize("schedule", ["gradual", "at-pin"])
+def test_the_gradual_schedule_closes_what_the_gates_have_not_least_open_first(schedule):
+    """Gates that do not move (no optimiser here): with the gradual schedule the closed fraction follows a line
+    from 0 at the end of the warmup to the target at the pin, closing the least open units first and never
+    reopening one; with at-pin nothing closes before the pin, and the pin closes it all."""
+    from finegates.config import TrainConfig
+    from finegates.gated_model import closure_sparsity
+    from finegates.methods import get_method
+
+    torch.manual_seed(0)
+    m = _tiny_bert()
+    method = get_method("finegates")
+    method.prepare(m, TrainConfig(target_sparsity=0.5, warmup_frac=0.2, recovery_frac=0.5,
+                                  close_schedule=schedule), 20)  # 20 steps: warmup to step 4, the pin at 10
+    with torch.no_grad():
+        for g in all_gates(m):
+            g.theta.uniform_(-0.4, 1.0)
+    mus = torch.cat([g.mu for g in all_gates(m)]).detach()
+    closed_before = torch.zeros_like(mus, dtype=torch.bool)
+    for step in range(10):
+        method.regularizer(m, step)
+        method.after_step()
+        closed = torch.cat([g.closed() for g in all_gates(m)])
+        removed = closure_sparsity(m, -0.5)
+        if schedule == "at-pin":
+            assert not closed.any()
+            continue
+        assert removed >= 0.5 * max(0, step + 1 - 4) / 6  # on schedule
+        assert closed.any() == (step + 1 > 4)  # the gates alone choose during the warmup
+        assert closed[closed_before].all()  # nothing reopens
+        assert not closed.any() or mus[closed].max() < mus[~closed].min()  # the least open close first
+        closed_before = closed
+    if schedule == "gradual":  # the target, and at most one unit more (2 x 16 of the 4,096 gated weights)
+        assert 0.5 <= removed <= 0.5 + 32 / 4096 and method.metrics(m)["schedule_closed"] == pytest.approx(removed)
+    method.regularizer(m, 10)  # the pin
+    assert all(g.pinned for g in all_gates(m)) and closure_sparsity(m, -0.5) >= 0.5
+
+
 def _gated_tiny_bert(layout="independent"):
     m = _tiny_bert()
     apply_gates(m, layout=layout)
