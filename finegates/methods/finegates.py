@@ -159,6 +159,8 @@ class FineGates(Method):
         start, end = self.schedule_start, self.schedule_end
         frac = (step >= end) if end <= start else (step - start) / (end - start)
         floor = self.cfg.target_sparsity * min(1.0, max(0.0, float(frac)))
+        if floor <= 0.0:  # the warmup: nothing to count (on a GPU the count costs a sync)
+            return
         closed = gm.closure_sparsity(model, -0.5)
         if closed < floor:
             gm.close_least_open(model, floor)
