@@ -55,8 +55,9 @@ class TrainConfig:
     dual_lr: float = 0.15  # controller: learning rate of its multipliers (docs/COMPRESSION.md)
     warmup_frac: float = 0.4  # controller: fraction of steps over which the target ramps up from 0
     recovery_frac: float = 0.3  # last fraction of steps with the structure fixed (0 = none)
-    # controller: gradual (what the gates have not closed by a linear schedule that reaches the target at the
-    # pin is closed as the run goes, least open first) | at-pin (all of it at the pin; docs/COMPRESSION.md)
+    # controller: gradual (the closed fraction follows at least a line from 0 at the end of the warmup to the
+    # target at the pin; what the gates have not closed closes, least open first) | at-pin (all of it at the
+    # pin). docs/COMPRESSION.md, "Closing on a schedule"
     close_schedule: str = "gradual"
     # distillation from a dense teacher finetuned on the same data (trained once, cached)
     teacher: str = "lora"  # lora | full | none (docs/COMPRESSION.md: distillation wins, so it is on)

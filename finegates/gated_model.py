@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 LAYOUTS = ("independent", "coupled")
 PENALTIES = ("controller", "paper", "code")
-CLOSE_SCHEDULES = ("gradual", "at-pin")  # when the controller's units that lag its target close (TrainConfig)
+CLOSE_SCHEDULES = ("gradual", "at-pin")  # when units close that the controller has not closed in time (TrainConfig)
 SLOTS = ("q", "k", "v", "o", "up", "down")  # BERT's slots (a family may have more: Llama's "gate")
 
 

@@ -403,8 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recovery-frac", type=float, default=d.recovery_frac,
                    help="last fraction of steps with the pruned structure fixed and the kept weights training")
     p.add_argument("--close-schedule", default=d.close_schedule,
-                   help="controller: gradual (units the gates have not closed by a linear schedule that reaches the "
-                   "target at the pin close as the run goes, least open first) or at-pin (all at the pin)")
+                   help="controller only: gradual (the closed fraction follows at least a line from 0 at the end of the "
+                   "warmup to the target at the pin; what the gates have not closed closes, least open first) or "
+                   "at-pin (all of it at the pin)")
     p.add_argument("--teacher", default=d.teacher, help="distil from a dense teacher finetuned on the same data: "
                    "none, lora, full (trained once, cached in --teacher-cache)")
     p.add_argument("--distill-alpha", type=float, default=d.distill_alpha, help="weight of the distillation loss")
