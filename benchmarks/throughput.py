@@ -24,6 +24,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from finegates.config import TrainConfig
+from finegates import gated_model as gm
+from finegates.export import DEFAULT_ALIGN
 from finegates.gated_model import count_parameters
 from finegates.latency import gpu_half_precision
 from finegates.methods import get_method
@@ -38,7 +40,30 @@ VARIANTS = {
                                                  extra={"lora_slots": ["q", "v"]}),
     "peft LoRA r=8 (q, v)": dict(method="lora", rank=8, lr=1e-3),
     "full finetuning": dict(method="full", lr=5e-5),
+    # the recovery phase (after the pin, the last 30% of a run by default): 40% of the gated weights removed
+    "finegates (coupled, gates only), recovery at 40% removed, full widths":
+        dict(method="finegates", layout="coupled", recovery=0.4, extra={"compact_recovery": False}),
+    "finegates (coupled, gates only), recovery at 40% removed, compacted":
+        dict(method="finegates", layout="coupled", recovery=0.4),
+    "finegates-lora (coupled, r=8), recovery at 40% removed, compacted":
+        dict(method="finegates", layout="coupled", rank=8, recovery=0.4),
 }
+LORA = "peft LoRA r=8 (q, v)"
+
+
+def put_in_recovery(model, method, removed: float) -> None:
+    """The state of a FineGates run after its pin, made directly: seeded random gates, pinned to ``removed``
+    of the gated weights in the aligned layout the exporter writes (``pin_to_target``, the least open units
+    closed), the penalty off; the open units alone are computed unless the variant sets
+    ``compact_recovery`` false (``gated_model.compact``, what a run does at its pin)."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for gate in gm.all_gates(model):
+            gate.theta.add_(torch.randn(gate.theta.shape, generator=g) * 0.3)
+    gm.pin_to_target(model, removed, align=DEFAULT_ALIGN)
+    method.recovery_start = method.pinned_at = 0  # in recovery from step 0, already pinned
+    if method.parse_options(method.cfg.extra).compact_recovery:
+        method.compacted = gm.compact(model)
 
 
 def main() -> None:
@@ -53,6 +78,8 @@ def main() -> None:
                    "of LoRA with torch.profiler: the top operators by self time")
     p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast, fp16 where bf16 is missing)")
     p.add_argument("--count-ops", action="store_true", help="only count the ATen ops of one train step per variant")
+    p.add_argument("--only", default=None, metavar="TEXT", help="only the variants whose name contains TEXT "
+                   "(peft LoRA, the reference, always runs)")
     a = p.parse_args()
     if a.device not in ("cpu", "cuda"):
         p.error(f"--device: {a.device!r} is not valid; accepted: cpu, cuda")
@@ -69,11 +96,18 @@ def main() -> None:
     batches = [{k: v.to(device) for k, v in b.items()}
                for b in DataLoader(data.train, batch_size=a.batch, collate_fn=_collator(tok))]
     setups = {}
-    for name, kw in VARIANTS.items():
+    variants = {n: kw for n, kw in VARIANTS.items() if a.only is None or a.only in n or n == LORA}
+    if len(variants) == 1 and a.only is not None:
+        p.error(f"--only {a.only!r} names no variant; accepted: a part of one of {', '.join(VARIANTS)}")
+    for name, kw in variants.items():
+        kw = dict(kw)
+        recovery = kw.pop("recovery", None)
         cfg = TrainConfig(task="sst2", lam=1.0, **kw)
         _, model = load_base(model_dir, 2, task.label_names)
         method = get_method(cfg.method)
         model = method.prepare(model, cfg, 100).to(device)
+        if recovery is not None:
+            put_in_recovery(model, method, recovery)
         opt = torch.optim.AdamW(method.param_groups(model, cfg))
         setups[name] = (model.train(), method, opt, count_parameters(model)[1])
     rates: dict[str, list[float]] = {n: [] for n in setups}
@@ -109,7 +143,7 @@ def main() -> None:
             one_round(model, method, opt)
             if rnd:
                 rates[name].append(a.batch * len(batches) / (time.perf_counter() - t0))
-    lora = rates["peft LoRA r=8 (q, v)"]
+    lora = rates[LORA]
     where = (f"{torch.cuda.get_device_name(device)}, {half_name} autocast" if cuda
              else f"CPU {a.threads} threads")
     print(f"SST-2, MiniLM, {where}, torch {torch.__version__}, batch {a.batch} x {a.max_length} tokens, "

@@ -206,6 +206,18 @@ def closure_sparsity(model: nn.Module, threshold: float) -> float:
     return float(structural_sparsity(model, lambda g: ((g.mu > threshold) & ~g.closed()).float()))
 
 
+def compact(model: nn.Module) -> bool:
+    """After the pin: every gated layer computes only its pinned-open units (the family's
+    :meth:`~finegates.arch.Family.compact`), exactly: logits and gradients are those of the full widths up to
+    float rounding. False where the family does not compact (nothing changed)."""
+    return family_of(model).compact(model, gated_layers(model))
+
+
+def uncompact(model: nn.Module) -> None:
+    """Undo :func:`compact` (full widths again); a no-op on a model that is not compacted."""
+    family_of(model).uncompact(model, gated_layers(model))
+
+
 @torch.no_grad()
 def pin_to_target(model: nn.Module, target: float | None, align: int | None = None,
                   same_head_dim: bool | None = None) -> float:

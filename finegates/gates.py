@@ -21,7 +21,9 @@ A gate can be *pinned* (:meth:`Gate.pin`): units closed at that moment stay exac
 can no longer close (:meth:`Gate.keep_open_` after each optimiser step). That is the recovery phase: the
 kept weights go on training while the exported structure is fixed.
 
-A :class:`GatedLinear` computes ``y = z_r * ((W + s B A)(z_c * x) + b)`` for a frozen ``W`` (m x n).
+A :class:`GatedLinear` computes ``y = z_r * ((W + s B A)(z_c * x) + b)`` for a frozen ``W`` (m x n). Once its
+closed units are pinned it can compute only the open ones (:meth:`GatedLinear.compact_`): the recovery phase
+then trains at the pruned model's cost.
 
 A model holds a few dozen gates. Evaluated one by one, each adds its own chain of small element-wise ops
 (tanh, noise, clamp, cast) to every step, and on a GPU a step of a small model is bound by how many ops it
@@ -202,19 +204,50 @@ class GatedLinear(nn.Module):
         else:
             self.lora_A = self.lora_B = None
             self.scaling = 0.0
+        # compacted (:meth:`compact_`): only these output rows / input columns are computed
+        self.out_index: torch.Tensor | None = None
+        self.in_index: torch.Tensor | None = None
+        self._compact_weight: torch.Tensor | None = None
 
     def gates(self) -> list[Gate]:
         return [g for g in (self.row_gate, self.col_gate) if g is not None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., n) -> (..., m)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., n) -> (..., m); compacted: (..., n') -> (..., m')
+        rows, cols = self.out_index, self.in_index
         if self.col_gate is not None:
-            x = x * self.col_gate.value(x.dtype)
-        y = F.linear(x, self.weight, self.bias)
+            zc = self.col_gate.value(x.dtype)
+            x = x * (zc if cols is None else zc[cols])
+        if self._compact_weight is None:
+            y = F.linear(x, self.weight, self.bias)
+        else:
+            b = self.bias if self.bias is None or rows is None else self.bias[rows]
+            y = F.linear(x, self._compact_weight, b)
         if self.lora_A is not None:
-            y = y + F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scaling
+            a = self.lora_A if cols is None else self.lora_A[:, cols]
+            b = self.lora_B if rows is None else self.lora_B[rows]
+            y = y + F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)) * self.scaling
         if self.row_gate is not None:
-            y = y * self.row_gate.value(y.dtype)
+            zr = self.row_gate.value(y.dtype)
+            y = y * (zr if rows is None else zr[rows])
         return y
+
+    @torch.no_grad()
+    def compact_(self, out_index: torch.Tensor | None = None, in_index: torch.Tensor | None = None) -> None:
+        """Compute only the output rows ``out_index`` from the input columns ``in_index`` (the input then has
+        ``len(in_index)`` features); ``None`` keeps all. Exact where the rows and columns left out are closed
+        for good (pinned): their outputs are exactly 0, and nothing that trains gets a gradient through them.
+        The parameters keep their full shapes (export and checkpoints do not see this); ``compact_()`` undoes it.
+        The frozen weight's kept block is copied once, here."""
+        self.out_index, self.in_index = out_index, in_index
+        if out_index is None and in_index is None:
+            self._compact_weight = None
+            return
+        w = self.weight if out_index is None else self.weight.index_select(0, out_index)
+        self._compact_weight = (w if in_index is None else w.index_select(1, in_index)).contiguous()
+
+    @property
+    def compacted(self) -> bool:
+        return self._compact_weight is not None
 
     @torch.no_grad()
     def folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -79,6 +79,18 @@ class Family:
         with ``keep(gate)`` (an indicator, or a probability for the expectation; differentiable)."""
         raise NotImplementedError
 
+    # ---- compaction (the recovery phase trains only the units that are pinned open)
+    def compact(self, model: nn.Module, layers: list["LayerGates"]) -> bool:
+        """Make every gated layer compute only its pinned-open units, exactly (``GatedLinear.compact_``),
+        and adapt the modules around them. Needs every gate pinned. False: this family does not compact."""
+        return False
+
+    def uncompact(self, model: nn.Module, layers: list["LayerGates"]) -> None:
+        """Undo :meth:`compact`: full widths again."""
+        for lg in layers:
+            for _, gl in lg.items():
+                gl.compact_()
+
     # ---- export
     def build_compressed(self, model: nn.Module, align: int, same_head_dim: bool) -> tuple[nn.Module, "ExportStats"]:
         raise NotImplementedError

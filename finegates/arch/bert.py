@@ -89,6 +89,42 @@ class Bert(Family):
                 + 2 * lg.up.in_features * both(lg.up.row_gate, lg.down.col_gate, lg.up.out_features))
         return kept, sum(gl.weight.numel() for _, gl in lg.items())
 
+    # ---- compaction
+    def compact(self, model: nn.Module, layers) -> bool:
+        """Per layer: the FFN computes its open neurons only; each head computes ``w`` Q/K and ``w`` V/O
+        dimensions, ``w`` the most any head of the layer keeps open, padded in the other heads with dimensions
+        that are closed (exactly 0, so exact). HF's attention reshapes by ``attention_head_size``, which is set
+        to ``w``; its ``scaling`` (1 / sqrt(original head size)) is left as it is."""
+        for layer, lg in zip(self.layers(model), layers):
+            att = layer.attention.self
+            n_heads = att.num_attention_heads
+            qk = _head_index(_open(lg.q.row_gate, lg.q.out_features) & _open(lg.k.row_gate, lg.q.out_features), n_heads)
+            vo = _head_index(_open(lg.v.row_gate, lg.v.out_features) & _open(lg.o.col_gate, lg.v.out_features), n_heads)
+            w = max(1, *map(len, qk), *map(len, vo))
+            dev = lg.q.weight.device
+            qk, vo = _pad_heads(qk, w, lg.q.out_features // n_heads, dev), _pad_heads(vo, w, lg.v.out_features // n_heads, dev)
+            lg.q.compact_(out_index=qk)
+            lg.k.compact_(out_index=qk)
+            lg.v.compact_(out_index=vo)
+            lg.o.compact_(in_index=vo)
+            if not hasattr(att, "_finegates_head_size"):
+                att._finegates_head_size = att.attention_head_size
+            att.attention_head_size = w
+            ffn = torch.nonzero(_open(lg.up.row_gate, lg.up.out_features)
+                                & _open(lg.down.col_gate, lg.up.out_features)).view(-1)
+            ffn = (ffn if ffn.numel() else torch.zeros(1, dtype=torch.long)).to(dev)  # all closed: one zero unit
+            lg.up.compact_(out_index=ffn)
+            lg.down.compact_(in_index=ffn)
+        return True
+
+    def uncompact(self, model: nn.Module, layers) -> None:
+        super().uncompact(model, layers)
+        for layer in self.layers(model):
+            att = layer.attention.self
+            if hasattr(att, "_finegates_head_size"):
+                att.attention_head_size = att._finegates_head_size
+                del att._finegates_head_size
+
     # ---- export
     def build_compressed(self, model: nn.Module, align: int, same_head_dim: bool) -> tuple[nn.Module, ExportStats]:
         FineGatesConfig, FineGatesForSequenceClassification = self.compressed_classes()
@@ -250,3 +286,28 @@ def _prune_layer(src: _SourceLayer, align: int, same_head_dim: bool
     after = sum(t.numel() for t in (nq_w, nk_w, nv_w, no_w, nu_w, nd_w))
     spec = {"num_heads": Hk, "qk_dim": dqk, "v_dim": dv, "intermediate_size": d_ffn}
     return tensors, spec, after, minimal
+
+
+def _open(gate, size: int) -> torch.Tensor:
+    """Units of a gate that are not closed for good (a missing gate closes nothing). Needs a pinned gate."""
+    if gate is None:
+        return torch.ones(size, dtype=torch.bool)
+    if not gate.pinned:
+        raise RuntimeError("compaction needs pinned gates: an unpinned closed gate can reopen")
+    return ~gate.pinned_closed.cpu()
+
+
+def _head_index(keep: torch.Tensor, n_heads: int) -> list[list[int]]:
+    """Per head, the indices (into the full width) of its kept dimensions, as a ragged list."""
+    d = keep.numel() // n_heads
+    return [[h * d + j for j in range(d) if keep[h * d + j]] for h in range(n_heads)]
+
+
+def _pad_heads(kept: list[list[int]], w: int, d: int, device: torch.device) -> torch.Tensor:
+    """``w`` indices per head: its kept dimensions, then (padding) its first closed ones, each head in order."""
+    out = []
+    for h, k in enumerate(kept):
+        ks = set(k)
+        pad = [h * d + j for j in range(d) if h * d + j not in ks][:w - len(k)]
+        out.extend(sorted(k + pad))
+    return torch.tensor(out, dtype=torch.long, device=device)

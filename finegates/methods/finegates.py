@@ -35,6 +35,9 @@ class FineGatesOptions:
     # the slots that get LoRA inside their gates when rank > 0 (None: every gated slot). ["q", "v"] is
     # peft LoRA's placement on BERT, at a third of the LoRA cost of all six (docs/BENCHMARKS.md)
     lora_slots: tuple[str, ...] | None = None
+    # once the structure is pinned (recovery), compute only the open units: exact, and the steps get cheaper
+    # as units close (docs/BENCHMARKS.md, "Recovery on the kept units"). false: full widths to the end
+    compact_recovery: bool = True
 
     def check(self) -> None:
         if self.lora_slots is not None and not self.lora_slots:
@@ -48,7 +51,9 @@ class FineGates(Method):
     default controller the expected sparsity follows a target that ramps from 0 to ``target_sparsity``
     over ``warmup_frac`` of the steps, so a target means the same at any run length. Recovery (the last
     ``recovery_frac`` of the steps): the gates are pinned (closed units stay closed, open ones stay
-    open), the penalty is off, and the kept weights (gates, biases, LoRA, head) go on training.
+    open), the penalty is off, and the kept weights (gates, biases, LoRA, head) go on training. From the pin on
+    the gated layers compute only the open units (``compact_recovery``, exact), so recovery steps cost what the
+    pruned model costs; :meth:`exportable` restores the full widths before the export.
     """
 
     name = "finegates"
@@ -71,6 +76,7 @@ class FineGates(Method):
         self.schedule_end: int | None = None  # ... to the target at the pin
         self.schedule_closed = 0.0  # removed fraction that the schedule closed (the gates had not)
         self.step = 0  # the step the last regularizer call was for
+        self.compacted = False  # the recovery trains the pinned-open units only (FineGatesOptions.compact_recovery)
 
     def penalised(self, cfg: "TrainConfig") -> bool:
         if cfg.penalty == "controller":
@@ -127,6 +133,8 @@ class FineGates(Method):
                 else:
                     gm.pin_to_target(model, None)
                 self.pinned_at = step
+                if self.parse_options(cfg.extra).compact_recovery:
+                    self.compacted = gm.compact(model)
                 log.info("recovery from step %d: structure pinned at gate sparsity %.3f (%.3f of it closed by the "
                          "schedule)", step, gm.gate_sparsity(model), self.schedule_closed)
             return None
@@ -165,6 +173,12 @@ class FineGates(Method):
         if closed < floor:
             gm.close_least_open(model, floor)
             self.schedule_closed += gm.closure_sparsity(model, -0.5) - closed
+
+    def exportable(self, model: nn.Module) -> nn.Module:
+        if self.compacted:
+            gm.uncompact(model)
+            self.compacted = False
+        return model
 
     def metrics(self, model: nn.Module) -> dict[str, float]:
         with torch.no_grad():

@@ -1,5 +1,6 @@
 """Issue 9 mechanics on the real MiniLM and real GLUE, at tiny sizes: live gates, the teacher cache,
 distillation wiring, recovery. What they buy in accuracy is measured by benchmarks/compression_frontier.py."""
+import dataclasses
 import json
 
 import pytest
@@ -88,9 +89,17 @@ def test_recovery_pins_the_structure_and_export_keeps_it(glue_dir):
         state["pinned"] = all(g.pinned for g in gates)
         state["same"] = all(torch.equal(g.closed(), g.pinned_closed) for g in gates)
         state["closed"] = gm.gate_sparsity(rep.model)
+        state["compacted"] = all(gl.compacted for lg in gm.gated_layers(rep.model) for _, gl in lg.items())
 
     r = run(cfg, on_epoch=on_epoch)
     assert r["history"][-1]["pinned_at_step"] == 8  # 16 steps, the last half in recovery
+    assert state["compacted"]  # the recovery computes the open units only ...
+    full = run(dataclasses.replace(cfg, extra={"compact_recovery": False}), on_epoch=on_epoch)
+    assert not state["compacted"]
+    # ... and trains as the full widths do (float rounding apart), to the same exported structure
+    assert [h["train_loss"] for h in r["history"]] == pytest.approx([h["train_loss"] for h in full["history"]],
+                                                                     rel=1e-4)
+    assert r["layers"] == full["layers"]
     assert state["pinned"] and state["same"]  # closed at the pin = closed at the end, no more, no fewer
     assert state["closed"] > 0 and r["gate_sparsity"] == state["closed"]
     # the pin keeps the structure the aligned exporter writes: the export removes the target, not less

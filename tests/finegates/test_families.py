@@ -10,7 +10,8 @@ from transformers import (AutoModelForSequenceClassification, BertConfig, BertFo
 
 from finegates import apply_gates, build_compressed, load_compressed, save_compressed
 from finegates.arch import UnsupportedModelError, get_family, supported_model_types
-from finegates.gated_model import all_gates, expected_sparsity, gated_layers, structural_sparsity
+from finegates.gated_model import (all_gates, compact, expected_sparsity, gated_layers, pin_to_target,
+                                   structural_sparsity, uncompact)
 from tests.finegates._gating import randomize_gates
 
 KW = dict(vocab_size=120, hidden_size=48, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96,
@@ -129,6 +130,52 @@ def test_both_loaders_on_a_saved_checkpoint(name, tmp_path):
         ref = m(**x).logits
         for loaded in (a, b):
             assert (loaded(**x).logits - ref).abs().max().item() <= 1e-4, (type(loaded).__name__, side)
+
+
+@pytest.mark.parametrize("name", list(TINY))
+@pytest.mark.parametrize("layout", ["coupled", "independent"])
+@pytest.mark.parametrize("align", [1, 8])
+def test_compacted_recovery_computes_the_same_logits_and_gradients(name, layout, align):
+    """After the pin a layer computes only its pinned-open units (gated_model.compact): the same logits and
+    the same gradient on every trainable parameter as at full widths, in training mode (gate noise, dropout),
+    with a whole FFN, one head's V/O and a layer's every Q/K closed and heads keeping different widths.
+    Families that do not compact say so and change nothing."""
+    m = tiny(name, 6, layout)
+    lgs = gated_layers(m)
+    with torch.no_grad():
+        lgs[0].up.row_gate.theta.fill_(-3.0)
+        lgs[1].v.row_gate.theta[:lgs[1].v.out_features // 4].fill_(-3.0)
+        lgs[2].q.row_gate.theta.fill_(-3.0)
+    pin_to_target(m, 0.4, align=align)
+    m.train()
+    x = inputs(m.config.pad_token_id, "right") | {"labels": torch.tensor([0, 1, 2, 1])}
+
+    def step():
+        torch.manual_seed(5)
+        out = m(**x)
+        m.zero_grad()
+        out.loss.backward()
+        return out.logits.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    logits, grads = step()
+    compacts = compact(m)
+    assert compacts == (name in ("bert", "roberta"))
+    if compacts:
+        assert all(gl.compacted for lg in lgs for _, gl in lg.items())
+        assert lgs[0].up.out_index.numel() == 1  # the closed FFN: one (closed, zero) unit left
+    logits_c, grads_c = step()
+    assert (logits_c - logits).abs().max().item() <= 1e-5
+    assert grads_c.keys() == grads.keys()
+    assert max((grads_c[k] - grads[k]).abs().max().item() for k in grads) <= 1e-5
+    uncompact(m)
+    assert not any(gl.compacted for lg in lgs for _, gl in lg.items())
+    assert torch.equal(step()[0], logits)
+
+
+def test_compaction_needs_pinned_gates():
+    m = tiny("bert", 7)
+    with pytest.raises(RuntimeError, match="pinned"):
+        compact(m)
 
 
 def test_compressed_llama_modeling_imports_only_torch_and_transformers():
