@@ -23,7 +23,7 @@ from torch import nn
 
 from finegates.arch import Family, get_family
 from finegates.errors import ConfigError
-from finegates.gates import PINNED_OPEN_MIN, Gate, GatedLinear, gate_values, p_open_all
+from finegates.gates import PINNED_OPEN_MIN, Gate, GatedLinear, compact_gather, gate_values, p_open_all
 
 log = logging.getLogger(__name__)
 
@@ -109,14 +109,24 @@ def _gate_pass_begin(model: nn.Module, args) -> None:
     the forward, once for all gates (``Gate.value``): a pre-hook runs outside an autocast that wraps
     ``forward`` itself, as accelerate's does."""
     gates = all_gates(model)
-    values = gate_values(gates)
+    values = gate_values(gates, getattr(model, "finegates_gather", None))
     for i, g in enumerate(gates):
         g.batched = (values, i)
+    biases = getattr(model, "finegates_bias_gather", None)
+    if biases is not None:  # compacted: the kept rows of every gated bias in one gather too
+        linears, gather, sizes = biases
+        kept = torch.cat([gl.bias for gl in linears])[gather].split(sizes)
+        for gl, b in zip(linears, kept):
+            gl.batched_bias = b
 
 
 def _gate_pass_end(model: nn.Module, args, output) -> None:
     for g in all_gates(model):
         g.batched = None
+    biases = getattr(model, "finegates_bias_gather", None)
+    if biases is not None:
+        for gl in biases[0]:
+            gl.batched_bias = None
 
 
 def trainable_head_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -210,12 +220,23 @@ def compact(model: nn.Module) -> bool:
     """After the pin: every gated layer computes only its pinned-open units (the family's
     :meth:`~finegates.arch.Family.compact`), exactly: logits and gradients are those of the full widths up to
     float rounding. False where the family does not compact (nothing changed)."""
-    return family_of(model).compact(model, gated_layers(model))
+    done = family_of(model).compact(model, gated_layers(model))
+    if done:  # the compacted gates' values, and the kept rows of the biases, in one gather each per forward
+        model.finegates_gather = compact_gather(all_gates(model))  # type: ignore[attr-defined]
+        linears = [gl for lg in gated_layers(model) for _, gl in lg.items()
+                   if gl.bias is not None and gl.out_index is not None]
+        if linears:
+            offsets = torch.cumsum(torch.tensor([0] + [gl.bias.numel() for gl in linears[:-1]]), 0).tolist()
+            gather = torch.cat([gl.out_index + off for gl, off in zip(linears, offsets)])
+            model.finegates_bias_gather = (linears, gather, [gl.out_index.numel() for gl in linears])  # type: ignore[attr-defined]
+    return done
 
 
 def uncompact(model: nn.Module) -> None:
     """Undo :func:`compact` (full widths again); a no-op on a model that is not compacted."""
     family_of(model).uncompact(model, gated_layers(model))
+    model.__dict__.pop("finegates_gather", None)
+    model.__dict__.pop("finegates_bias_gather", None)
 
 
 @torch.no_grad()

@@ -68,6 +68,14 @@ class Gate(nn.Module):
         self.register_buffer("pinned_closed", torch.zeros(size, dtype=torch.bool), persistent=False)
         self.pinned = False
         self.batched: tuple[GateValues, int] | None = None  # (a gate_values evaluation, this gate's index), while set
+        # while its linear is compacted (GatedLinear.compact_): the units it computes; forward and value return
+        # these units only (eval_values, closed, p_open: always all of them)
+        self.index: torch.Tensor | None = None
+
+    @property
+    def width(self) -> int:
+        """How many values :meth:`forward` returns."""
+        return self.theta.numel() if self.index is None else self.index.numel()
 
     @property
     def mu(self) -> torch.Tensor:
@@ -88,7 +96,8 @@ class Gate(nn.Module):
         if self.training:
             mu = mu + self.noise_std * torch.randn_like(mu)
         z = torch.clamp(mu + 0.5, 0.0, 1.0)
-        return z.masked_fill(self.pinned_closed, 0.0) if self.pinned else z
+        z = z.masked_fill(self.pinned_closed, 0.0) if self.pinned else z
+        return z if self.index is None else z[self.index]
 
     @torch.no_grad()
     def eval_values(self) -> torch.Tensor:
@@ -147,11 +156,25 @@ class GateValues:
         return len(self.sizes)
 
 
-def gate_values(gates: Sequence[Gate]) -> GateValues:
+def compact_gather(gates: Sequence[Gate]) -> torch.Tensor | None:
+    """Indices into the concatenated values of ``gates`` of the units they compute (:attr:`Gate.index`):
+    one gather for all compacted gates. None when no gate is compacted."""
+    if all(g.index is None for g in gates):
+        return None
+    parts, off = [], 0
+    for g in gates:
+        n = g.theta.numel()
+        parts.append((g.index if g.index is not None else torch.arange(n, device=g.theta.device)) + off)
+        off += n
+    return torch.cat(parts)
+
+
+def gate_values(gates: Sequence[Gate], gather: torch.Tensor | None = None) -> GateValues:
     """What each gate's :meth:`Gate.forward` returns, computed in one chain of ops over all the gates (one
     noise draw for all of them while training). Gates that differ in mode, noise, sigma or device are
-    evaluated one by one (and concatenated)."""
-    sizes = [g.theta.numel() for g in gates]
+    evaluated one by one (and concatenated). Compacted gates are gathered in one op (``gather``: their
+    :func:`compact_gather`, made here when not given)."""
+    sizes = [g.width for g in gates]
     if not gates or not _uniform(gates):
         return GateValues(torch.cat([g() for g in gates]) if gates else torch.zeros(0), sizes)
     g0 = gates[0]
@@ -162,7 +185,9 @@ def gate_values(gates: Sequence[Gate]) -> GateValues:
     if any(g.pinned for g in gates):
         z = z.masked_fill(torch.cat([g.pinned_closed if g.pinned else torch.zeros_like(g.pinned_closed)
                                      for g in gates]), 0.0)
-    return GateValues(z, sizes)
+    if gather is None:
+        gather = compact_gather(gates)
+    return GateValues(z if gather is None else z[gather], sizes)
 
 
 def p_open_all(gates: Sequence[Gate]) -> list[torch.Tensor]:
@@ -208,27 +233,28 @@ class GatedLinear(nn.Module):
         self.out_index: torch.Tensor | None = None
         self.in_index: torch.Tensor | None = None
         self._compact_weight: torch.Tensor | None = None
+        self.batched_bias: torch.Tensor | None = None  # compacted: the kept bias, gathered for all linears at once
 
     def gates(self) -> list[Gate]:
         return [g for g in (self.row_gate, self.col_gate) if g is not None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., n) -> (..., m); compacted: (..., n') -> (..., m')
         rows, cols = self.out_index, self.in_index
-        if self.col_gate is not None:
-            zc = self.col_gate.value(x.dtype)
-            x = x * (zc if cols is None else zc[cols])
+        if self.col_gate is not None:  # compacted, the gates return their kept units (Gate.index)
+            x = x * self.col_gate.value(x.dtype)
         if self._compact_weight is None:
             y = F.linear(x, self.weight, self.bias)
         else:
-            b = self.bias if self.bias is None or rows is None else self.bias[rows]
+            b = self.batched_bias
+            if b is None:
+                b = self.bias if self.bias is None or rows is None else self.bias[rows]
             y = F.linear(x, self._compact_weight, b)
         if self.lora_A is not None:
             a = self.lora_A if cols is None else self.lora_A[:, cols]
             b = self.lora_B if rows is None else self.lora_B[rows]
             y = y + F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)) * self.scaling
         if self.row_gate is not None:
-            zr = self.row_gate.value(y.dtype)
-            y = y * (zr if rows is None else zr[rows])
+            y = y * self.row_gate.value(y.dtype)
         return y
 
     @torch.no_grad()
@@ -239,6 +265,10 @@ class GatedLinear(nn.Module):
         The parameters keep their full shapes (export and checkpoints do not see this); ``compact_()`` undoes it.
         The frozen weight's kept block is copied once, here."""
         self.out_index, self.in_index = out_index, in_index
+        if self.row_gate is not None:
+            self.row_gate.index = out_index
+        if self.col_gate is not None:
+            self.col_gate.index = in_index
         if out_index is None and in_index is None:
             self._compact_weight = None
             return

@@ -360,6 +360,28 @@ def test_batched_gate_values_follow_the_law_of_the_one_by_one_values():
     assert torch.equal(torch.cat(halves), values.z.to(torch.bfloat16))
 
 
+def test_compacted_gates_return_their_kept_units_batched_or_one_by_one():
+    """A gate whose linear is compacted returns the units it computes (Gate.index); a batched evaluation
+    gathers all of them in one op, with the same values, and the full-width views stay full."""
+    torch.manual_seed(0)
+    m = _gated_tiny_bert()
+    gates = all_gates(m)
+    for g in gates:
+        g.pin()
+    m.eval()
+    full = [g() for g in gates]
+    gates[0].index = torch.tensor([3, 0, 5])
+    gates[2].index = torch.tensor([1])
+    values = gate_values(gates)
+    assert len(values.z) == sum(g.width for g in gates) == sum(len(z) for z in full) - (gates[0].theta.numel() - 3) \
+        - (gates[2].theta.numel() - 1)
+    for i, g in enumerate(gates):
+        expect = full[i] if g.index is None else full[i][g.index]
+        assert torch.equal(values.get(i), expect) and torch.equal(g(), expect)
+    assert _count(lambda: gate_values(gates), "aten.index") == 1
+    assert gates[0].eval_values().numel() == gates[0].theta.numel()  # what export folds: every unit
+
+
 def _count(fn, op: str) -> int:
     from torch.utils._python_dispatch import TorchDispatchMode
 
