@@ -14,6 +14,7 @@ Two gate layouts:
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -226,7 +227,7 @@ def compact(model: nn.Module) -> bool:
         linears = [gl for lg in gated_layers(model) for _, gl in lg.items()
                    if gl.bias is not None and gl.out_index is not None]
         if linears:
-            offsets = torch.cumsum(torch.tensor([0] + [gl.bias.numel() for gl in linears[:-1]]), 0).tolist()
+            offsets = itertools.accumulate((gl.bias.numel() for gl in linears[:-1]), initial=0)
             gather = torch.cat([gl.out_index + off for gl, off in zip(linears, offsets)])
             model.finegates_bias_gather = (linears, gather, [gl.out_index.numel() for gl in linears])  # type: ignore[attr-defined]
     return done

@@ -299,7 +299,7 @@ def _open(gate, size: int) -> torch.Tensor:
 
 def _head_index(keep: torch.Tensor, n_heads: int) -> list[list[int]]:
     """Per head, the indices (into the full width) of its kept dimensions, as a ragged list."""
-    d = keep.numel() // n_heads
+    d, keep = keep.numel() // n_heads, keep.tolist()
     return [[h * d + j for j in range(d) if keep[h * d + j]] for h in range(n_heads)]
 
 
