@@ -33,7 +33,7 @@ if [ "${1:-}" = "--prepare" ]; then  # run here (CPU machine): fill the carry di
     exit $?
 fi
 # --smoke: the same steps on this CPU machine at tiny sizes (about 2 minutes), to check the script before a GPU call
-DEV=cuda; EXPORT_ARGS=(); STEP_ARGS=(--batch 32 --steps 30 --rounds 7); FRONTIER_ARGS=(--protocol gpu)
+DEV=cuda; EXPORT_ARGS=(); STEP_ARGS=(--batch 32 --steps 30 --rounds 5); FRONTIER_ARGS=(--protocol gpu)
 if [ "${1:-}" = "--smoke" ]; then
     shift; DEV=cpu; EXPORT_ARGS=(--smoke-test); STEP_ARGS=(--batch 4 --steps 2 --rounds 1); FRONTIER_ARGS=(--smoke-test)
     FRONTIER_JOBS=${FRONTIER_JOBS:-2}
@@ -58,7 +58,7 @@ for closure in scattered equal; do
         2>&1 | tee "$OUT/export_speedup_$closure.txt"
 done
 echo "export speedup: $((SECONDS - t0)) s"; t0=$SECONDS
-timeout 120 python3 benchmarks/throughput.py --device $DEV --model "$MODEL" "${STEP_ARGS[@]}" \
+timeout 150 python3 benchmarks/throughput.py --device $DEV --model "$MODEL" "${STEP_ARGS[@]}" \
     2>&1 | tee "$OUT/throughput_gpu.txt"
 echo "train step: $((SECONDS - t0)) s"; t0=$SECONDS
 rm -rf /tmp/finegates-teachers /tmp/frontier-preds
