@@ -119,7 +119,8 @@ def main() -> None:
     batches = list(DataLoader(data.train, batch_size=a.batch, collate_fn=_collator(tok)))
     setups = {}
     for name in ("today", "fused"):
-        cfg = TrainConfig(task="sst2", method="finegates", layout="coupled")
+        # the fused forward knows nothing of compaction: keep full widths should a long run pass its pin
+        cfg = TrainConfig(task="sst2", method="finegates", layout="coupled", extra={"compact_recovery": False})
         _, model = load_base(model_dir, 2, task.label_names)
         method = get_method(cfg.method)
         model = method.prepare(model, cfg, 100).train()

@@ -96,9 +96,9 @@ def main() -> None:
     batches = [{k: v.to(device) for k, v in b.items()}
                for b in DataLoader(data.train, batch_size=a.batch, collate_fn=_collator(tok))]
     setups = {}
-    variants = {n: kw for n, kw in VARIANTS.items() if a.only is None or a.only in n or n == LORA}
-    if len(variants) == 1 and a.only is not None:
+    if a.only is not None and not any(a.only in n for n in VARIANTS):
         p.error(f"--only {a.only!r} names no variant; accepted: a part of one of {', '.join(VARIANTS)}")
+    variants = {n: kw for n, kw in VARIANTS.items() if a.only is None or a.only in n or n == LORA}
     for name, kw in variants.items():
         kw = dict(kw)
         recovery = kw.pop("recovery", None)
@@ -158,7 +158,7 @@ def main() -> None:
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        for name in ("finegates (coupled, gates only)", "peft LoRA r=8 (q, v)"):
+        for name in [n for n in ("finegates (coupled, gates only)", LORA) if n in setups]:
             with profile(activities=activities) as prof:
                 one_round(*setups[name][:3])
             print(f"\n{name}: one round of {len(batches)} steps")

@@ -113,21 +113,18 @@ def _gate_pass_begin(model: nn.Module, args) -> None:
     values = gate_values(gates, getattr(model, "finegates_gather", None))
     for i, g in enumerate(gates):
         g.batched = (values, i)
-    biases = getattr(model, "finegates_bias_gather", None)
-    if biases is not None:  # compacted: the kept rows of every gated bias in one gather too
-        linears, gather, sizes = biases
-        kept = torch.cat([gl.bias for gl in linears])[gather].split(sizes)
-        for gl, b in zip(linears, kept):
+    linears = getattr(model, "finegates_bias_linears", None)
+    if linears:  # compacted: the kept rows of every gated bias in one gather too
+        kept = torch.cat([gl.bias for gl in linears])[model.finegates_bias_gather]
+        for gl, b in zip(linears, kept.split([gl.out_index.numel() for gl in linears])):
             gl.batched_bias = b
 
 
 def _gate_pass_end(model: nn.Module, args, output) -> None:
     for g in all_gates(model):
         g.batched = None
-    biases = getattr(model, "finegates_bias_gather", None)
-    if biases is not None:
-        for gl in biases[0]:
-            gl.batched_bias = None
+    for gl in getattr(model, "finegates_bias_linears", None) or ():
+        gl.batched_bias = None
 
 
 def trainable_head_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -222,22 +219,25 @@ def compact(model: nn.Module) -> bool:
     :meth:`~finegates.arch.Family.compact`), exactly: logits and gradients are those of the full widths up to
     float rounding. False where the family does not compact (nothing changed)."""
     done = family_of(model).compact(model, gated_layers(model))
-    if done:  # the compacted gates' values, and the kept rows of the biases, in one gather each per forward
-        model.finegates_gather = compact_gather(all_gates(model))  # type: ignore[attr-defined]
+    if done:  # the compacted gates' values, and the kept rows of the biases, in one gather each per forward;
+        # the gathers are buffers (not saved) so that .to() moves them with the model
+        model.register_buffer("finegates_gather", compact_gather(all_gates(model)), persistent=False)
         linears = [gl for lg in gated_layers(model) for _, gl in lg.items()
                    if gl.bias is not None and gl.out_index is not None]
         if linears:
             offsets = itertools.accumulate((gl.bias.numel() for gl in linears[:-1]), initial=0)
             gather = torch.cat([gl.out_index + off for gl, off in zip(linears, offsets)])
-            model.finegates_bias_gather = (linears, gather, [gl.out_index.numel() for gl in linears])  # type: ignore[attr-defined]
+            model.register_buffer("finegates_bias_gather", gather, persistent=False)
+            model.finegates_bias_linears = linears  # type: ignore[attr-defined]
     return done
 
 
 def uncompact(model: nn.Module) -> None:
     """Undo :func:`compact` (full widths again); a no-op on a model that is not compacted."""
     family_of(model).uncompact(model, gated_layers(model))
-    model.__dict__.pop("finegates_gather", None)
-    model.__dict__.pop("finegates_bias_gather", None)
+    model._buffers.pop("finegates_gather", None)
+    model._buffers.pop("finegates_bias_gather", None)
+    model.__dict__.pop("finegates_bias_linears", None)
 
 
 @torch.no_grad()

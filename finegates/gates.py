@@ -69,8 +69,8 @@ class Gate(nn.Module):
         self.pinned = False
         self.batched: tuple[GateValues, int] | None = None  # (a gate_values evaluation, this gate's index), while set
         # while its linear is compacted (GatedLinear.compact_): the units it computes; forward and value return
-        # these units only (eval_values, closed, p_open: always all of them)
-        self.index: torch.Tensor | None = None
+        # these units only (eval_values, closed, p_open: always all of them). A buffer: .to() moves it
+        self.register_buffer("index", None, persistent=False)
 
     @property
     def width(self) -> int:
@@ -229,10 +229,11 @@ class GatedLinear(nn.Module):
         else:
             self.lora_A = self.lora_B = None
             self.scaling = 0.0
-        # compacted (:meth:`compact_`): only these output rows / input columns are computed
-        self.out_index: torch.Tensor | None = None
-        self.in_index: torch.Tensor | None = None
-        self._compact_weight: torch.Tensor | None = None
+        # compacted (:meth:`compact_`): only these output rows / input columns are computed, from this copy of
+        # the frozen weight's kept block. Buffers, so that .to() / .half() move them; not in the state dict
+        self.register_buffer("out_index", None, persistent=False)
+        self.register_buffer("in_index", None, persistent=False)
+        self.register_buffer("compact_weight", None, persistent=False)
         self.batched_bias: torch.Tensor | None = None  # compacted: the kept bias, gathered for all linears at once
 
     def gates(self) -> list[Gate]:
@@ -242,17 +243,17 @@ class GatedLinear(nn.Module):
         rows, cols = self.out_index, self.in_index
         if self.col_gate is not None:  # compacted, the gates return their kept units (Gate.index)
             x = x * self.col_gate.value(x.dtype)
-        if self._compact_weight is None:
+        if self.compact_weight is None:
             y = F.linear(x, self.weight, self.bias)
         else:
-            b = self.batched_bias
-            if b is None:
-                b = self.bias if self.bias is None or rows is None else self.bias[rows]
-            y = F.linear(x, self._compact_weight, b)
+            bias = self.batched_bias
+            if bias is None:
+                bias = self.bias if self.bias is None or rows is None else self.bias[rows]
+            y = F.linear(x, self.compact_weight, bias)
         if self.lora_A is not None:
-            a = self.lora_A if cols is None else self.lora_A[:, cols]
-            b = self.lora_B if rows is None else self.lora_B[rows]
-            y = y + F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)) * self.scaling
+            lora_a = self.lora_A if cols is None else self.lora_A[:, cols]
+            lora_b = self.lora_B if rows is None else self.lora_B[rows]
+            y = y + F.linear(F.linear(x, lora_a.to(x.dtype)), lora_b.to(x.dtype)) * self.scaling
         if self.row_gate is not None:
             y = y * self.row_gate.value(y.dtype)
         return y
@@ -262,22 +263,22 @@ class GatedLinear(nn.Module):
         """Compute only the output rows ``out_index`` from the input columns ``in_index`` (the input then has
         ``len(in_index)`` features); ``None`` keeps all. Exact where the rows and columns left out are closed
         for good (pinned): their outputs are exactly 0, and nothing that trains gets a gradient through them.
-        The parameters keep their full shapes (export and checkpoints do not see this); ``compact_()`` undoes it.
-        The frozen weight's kept block is copied once, here."""
+        The parameters keep their full shapes (export and checkpoints do not see this); ``compact_()`` (no
+        arguments) undoes it. The frozen weight's kept block is copied once, here (held beside the full weight)."""
         self.out_index, self.in_index = out_index, in_index
         if self.row_gate is not None:
             self.row_gate.index = out_index
         if self.col_gate is not None:
             self.col_gate.index = in_index
         if out_index is None and in_index is None:
-            self._compact_weight = None
+            self.compact_weight = None
             return
         w = self.weight if out_index is None else self.weight.index_select(0, out_index)
-        self._compact_weight = (w if in_index is None else w.index_select(1, in_index)).contiguous()
+        self.compact_weight = (w if in_index is None else w.index_select(1, in_index)).contiguous()
 
     @property
     def compacted(self) -> bool:
-        return self._compact_weight is not None
+        return self.compact_weight is not None
 
     @torch.no_grad()
     def folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -94,7 +94,14 @@ class Bert(Family):
         """Per layer: the FFN computes its open neurons only; each head computes ``w`` Q/K and ``w`` V/O
         dimensions, ``w`` the most any head of the layer keeps open, padded in the other heads with dimensions
         that are closed (exactly 0, so exact). HF's attention reshapes by ``attention_head_size``, which is set
-        to ``w``; its ``scaling`` (1 / sqrt(original head size)) is left as it is."""
+        to ``w``; its ``scaling`` (1 / sqrt(original head size)) is left as it is. That needs the attention of
+        transformers 5 (heads inferred from the width, ``scaling`` passed to the kernel); older releases reshape
+        to ``all_head_size`` and scale by the head size, so there (or with relative positions) it returns False."""
+        if (any(not isinstance(getattr(layer.attention.self, "scaling", None), float) for layer in self.layers(model))
+                or getattr(model.config, "position_embedding_type", "absolute") != "absolute"):
+            return False
+        if not all(g.pinned for lg in layers for _, gl in lg.items() for g in gl.gates()):
+            raise RuntimeError("compaction needs pinned gates: an unpinned closed gate can reopen")
         for layer, lg in zip(self.layers(model), layers):
             att = layer.attention.self
             n_heads = att.num_attention_heads
@@ -289,12 +296,8 @@ def _prune_layer(src: _SourceLayer, align: int, same_head_dim: bool
 
 
 def _open(gate, size: int) -> torch.Tensor:
-    """Units of a gate that are not closed for good (a missing gate closes nothing). Needs a pinned gate."""
-    if gate is None:
-        return torch.ones(size, dtype=torch.bool)
-    if not gate.pinned:
-        raise RuntimeError("compaction needs pinned gates: an unpinned closed gate can reopen")
-    return ~gate.pinned_closed.cpu()
+    """Units of a pinned gate that are not closed for good (a missing gate closes nothing)."""
+    return torch.ones(size, dtype=torch.bool) if gate is None else ~gate.pinned_closed.cpu()
 
 
 def _head_index(keep: torch.Tensor, n_heads: int) -> list[list[int]]:

@@ -52,8 +52,9 @@ class FineGates(Method):
     over ``warmup_frac`` of the steps, so a target means the same at any run length. Recovery (the last
     ``recovery_frac`` of the steps): the gates are pinned (closed units stay closed, open ones stay
     open), the penalty is off, and the kept weights (gates, biases, LoRA, head) go on training. From the pin on
-    the gated layers compute only the open units (``compact_recovery``, exact), so recovery steps cost what the
-    pruned model costs; :meth:`exportable` restores the full widths before the export.
+    the gated layers compute only the open units (``compact_recovery``, exact), so the matrix products of a
+    recovery step are those of the pruned model (a copy of the kept frozen weights is held beside the full
+    ones; gradients and optimiser state keep full shapes); :meth:`exportable` restores full widths first.
     """
 
     name = "finegates"
@@ -135,6 +136,9 @@ class FineGates(Method):
                 self.pinned_at = step
                 if self.parse_options(cfg.extra).compact_recovery:
                     self.compacted = gm.compact(model)
+                    if not self.compacted:
+                        log.info("recovery at full widths: %s models do not compact here (docs/BENCHMARKS.md, "
+                                 "'Recovery on the kept units')", model.config.model_type)
                 log.info("recovery from step %d: structure pinned at gate sparsity %.3f (%.3f of it closed by the "
                          "schedule)", step, gm.gate_sparsity(model), self.schedule_closed)
             return None

@@ -167,6 +167,12 @@ def test_compacted_recovery_computes_the_same_logits_and_gradients(name, layout,
     assert (logits_c - logits).abs().max().item() <= 1e-5
     assert grads_c.keys() == grads.keys()
     assert max((grads_c[k] - grads[k]).abs().max().item() for k in grads) <= 1e-5
+    if compacts:  # the compaction state is made of buffers: it converts (and moves) with the model
+        m.eval()
+        with torch.no_grad():
+            ref = m(**x).logits
+            assert (m.double()(**x).logits.float() - ref).abs().max().item() <= 1e-5
+        m.float().train()
     uncompact(m)
     assert not any(gl.compacted for lg in lgs for _, gl in lg.items())
     assert torch.equal(step()[0], logits)
