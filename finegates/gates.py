@@ -23,7 +23,7 @@ kept weights go on training while the exported structure is fixed.
 
 A :class:`GatedLinear` computes ``y = z_r * ((W + s B A)(z_c * x) + b)`` for a frozen ``W`` (m x n). Once its
 closed units are pinned it can compute only the open ones (:meth:`GatedLinear.compact_`): the recovery phase
-then trains at the pruned model's cost.
+then multiplies matrices of the pruned model's sizes.
 
 A model holds a few dozen gates. Evaluated one by one, each adds its own chain of small element-wise ops
 (tanh, noise, clamp, cast) to every step, and on a GPU a step of a small model is bound by how many ops it
