@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import count_ops  # noqa: E402
+from throughput import count_ops, train_round  # noqa: E402
 
 from finegates.config import TrainConfig  # noqa: E402
 from finegates.gates import GatedLinear  # noqa: E402
@@ -133,13 +133,7 @@ def main() -> None:
     for rnd in range(a.rounds + 1):  # round 0 warms up
         for name, (model, method, opt) in setups.items():
             t0 = time.perf_counter()
-            for step, b in enumerate(batches):
-                loss = model(**b).loss
-                reg = method.regularizer(model, step)
-                (loss if reg is None else loss + reg).backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                method.after_step()
+            train_round(model, method, opt, batches)
             if rnd:
                 rates[name].append(a.batch * len(batches) / (time.perf_counter() - t0))
     ops = {n: sum(count_ops(*s, batches[0], contextlib.nullcontext())[:3]) for n, s in setups.items()}

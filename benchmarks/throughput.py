@@ -66,6 +66,19 @@ def put_in_recovery(model, method, removed: float) -> None:
         method.compacted = gm.compact(model)
 
 
+def train_round(model, method, opt, batches, amp=contextlib.nullcontext()) -> None:
+    """Train steps over ``batches`` as ``finegates.train`` takes them: forward and the method's penalty (under
+    ``amp``), backward, optimiser, the method's after-step."""
+    for step, b in enumerate(batches):
+        with amp:
+            loss = model(**b).loss
+            reg = method.regularizer(model, step)
+        (loss if reg is None else loss + reg).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        method.after_step()
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=2)
@@ -114,14 +127,7 @@ def main() -> None:
     amp = torch.autocast("cuda", dtype=half) if cuda else contextlib.nullcontext()
 
     def one_round(model, method, opt) -> None:
-        for step, b in enumerate(batches):
-            with amp:
-                loss = model(**b).loss
-                reg = method.regularizer(model, step)
-            (loss if reg is None else loss + reg).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            method.after_step()
+        train_round(model, method, opt, batches, amp)
         if cuda:
             torch.cuda.synchronize()
 
