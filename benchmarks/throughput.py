@@ -6,6 +6,7 @@ Methods run in interleaved rounds; we report the median and the min-max over rou
     python benchmarks/throughput.py --device cuda --batch 32 --steps 30 --rounds 7
     python benchmarks/throughput.py --threads 2 --batch 16 --steps 8 --rounds 1 --profile   # where the time goes
     python benchmarks/throughput.py --count-ops      # ATen ops one train step dispatches, per phase (exact)
+    python benchmarks/throughput.py --count-ops --autocast bf16   # the same under autocast, as a GPU step runs
 
 A GPU step of this small model is bound by how many ops it launches more than by FLOPs, so ``--count-ops``
 counts, for one train step of each variant, the ATen ops that do work (view-like ops, which launch no
@@ -91,6 +92,9 @@ def main() -> None:
                    "of LoRA with torch.profiler: the top operators by self time")
     p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast, fp16 where bf16 is missing)")
     p.add_argument("--count-ops", action="store_true", help="only count the ATen ops of one train step per variant")
+    p.add_argument("--autocast", choices=("none", "bf16"), default="none",
+                   help="on the CPU: train under CPU bf16 autocast (with --count-ops: "
+                   "the casts a GPU step makes; a GPU always trains under autocast)")
     p.add_argument("--only", default=None, metavar="TEXT", help="only the variants whose name contains TEXT "
                    "(peft LoRA, the reference, always runs)")
     a = p.parse_args()
@@ -125,6 +129,8 @@ def main() -> None:
         setups[name] = (model.train(), method, opt, count_parameters(model)[1])
     rates: dict[str, list[float]] = {n: [] for n in setups}
     amp = torch.autocast("cuda", dtype=half) if cuda else contextlib.nullcontext()
+    if a.autocast == "bf16" and not cuda:
+        amp = torch.autocast("cpu", dtype=torch.bfloat16)
 
     def one_round(model, method, opt) -> None:
         train_round(model, method, opt, batches, amp)
@@ -133,7 +139,7 @@ def main() -> None:
 
     if a.count_ops:
         print(f"ATen ops of one train step (after one warm-up step), batch {a.batch} x {a.max_length}, view-like ops "
-              f"left out; optimiser counted on {a.device}")
+              f"left out; optimiser counted on {a.device}" + (", CPU bf16 autocast" if a.autocast == "bf16" else ""))
         print("| method | forward | penalty | backward | forward + penalty + backward | optimiser |")
         print("|---|---:|---:|---:|---:|---:|")
         for name, (model, method, opt, _) in setups.items():

@@ -24,7 +24,7 @@ from torch import nn
 
 from finegates.arch import Family, get_family
 from finegates.errors import ConfigError
-from finegates.gates import PINNED_OPEN_MIN, Gate, GatedLinear, compact_gather, gate_values, p_open_all
+from finegates.gates import PINNED_OPEN_MIN, Batched, Gate, GatedLinear, compact_gather, gate_values, p_open_all
 
 log = logging.getLogger(__name__)
 
@@ -108,23 +108,40 @@ def _gate_pass_begin(model: nn.Module, args) -> None:
     """Before a forward of the gated model: every gate evaluated in one chain of ops (the speed of a train
     step on a GPU is set by how many ops it launches). The cast to the activations' dtype happens inside
     the forward, once for all gates (``Gate.value``): a pre-hook runs outside an autocast that wraps
-    ``forward`` itself, as accelerate's does."""
+    ``forward`` itself, as accelerate's does. The gated biases and the LoRA factors likewise: under autocast
+    they are cast in one op each for the whole model, compacted gathered in one op (``gates.Batched``); and
+    an input that feeds several linears (Q, K, V) is cast once for all of them."""
     gates = all_gates(model)
     values = gate_values(gates, getattr(model, "finegates_gather", None))
     for i, g in enumerate(gates):
         g.batched = (values, i)
-    linears = getattr(model, "finegates_bias_linears", None)
-    if linears:  # compacted: the kept rows of every gated bias in one gather too
-        kept = torch.cat([gl.bias for gl in linears])[model.finegates_bias_gather]
-        for gl, b in zip(linears, kept.split([gl.out_index.numel() for gl in linears])):
-            gl.batched_bias = b
+    linears = _gated_linears(model)
+    casts: dict = {}  # under autocast, each input cast once for every linear it feeds
+    for gl in linears:
+        gl.input_casts = casts
+    with_bias = [gl for gl in linears if gl.bias is not None]
+    biases = Batched([gl.bias for gl in with_bias], [(gl.out_width,) for gl in with_bias],
+                     getattr(model, "finegates_bias_gather", None))
+    for i, gl in enumerate(with_bias):
+        gl.batched_bias = (biases, i)
+    with_lora = [gl for gl in linears if gl.lora_A is not None]
+    if with_lora:
+        factors = Batched([t for gl in with_lora for t in (gl.lora_A, gl.lora_B)],
+                          [s for gl in with_lora for s in ((gl.rank, gl.in_width), (gl.out_width, gl.rank))],
+                          getattr(model, "finegates_lora_gather", None))
+        for i, gl in enumerate(with_lora):
+            gl.batched_lora = (factors, 2 * i)
 
 
 def _gate_pass_end(model: nn.Module, args, output) -> None:
     for g in all_gates(model):
         g.batched = None
-    for gl in getattr(model, "finegates_bias_linears", None) or ():
-        gl.batched_bias = None
+    for gl in _gated_linears(model):
+        gl.batched_bias = gl.batched_lora = gl.input_casts = None
+
+
+def _gated_linears(model: nn.Module) -> list[GatedLinear]:
+    return [gl for lg in gated_layers(model) for _, gl in lg.items()]
 
 
 def trainable_head_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -187,12 +204,7 @@ def structural_sparsity(model: nn.Module, keep_fn) -> torch.Tensor:
     j; an FFN neuron iff up-row j and down-column j. Each survivor keeps 2 * hidden weights.
     (Head padding at export can keep a few more; the exporter reports the true count.)
     """
-    fam = family_of(model)
-    kept, total = 0.0, 0
-    for lg in gated_layers(model):
-        k, t = fam.layer_kept(lg, keep_fn)
-        kept = kept + k
-        total += t
+    kept, total = family_of(model).layers_kept(gated_layers(model), keep_fn)
     return 1.0 - kept / total
 
 
@@ -219,25 +231,44 @@ def compact(model: nn.Module) -> bool:
     :meth:`~finegates.arch.Family.compact`), exactly: logits and gradients are those of the full widths up to
     float rounding. False where the family does not compact (nothing changed)."""
     done = family_of(model).compact(model, gated_layers(model))
-    if done:  # the compacted gates' values, and the kept rows of the biases, in one gather each per forward;
-        # the gathers are buffers (not saved) so that .to() moves them with the model
+    if done:  # the compacted gates' values, the kept rows of the biases and the kept parts of the LoRA factors, in
+        # one gather each per forward; the gathers are buffers (not saved) so that .to() moves them with the model
         model.register_buffer("finegates_gather", compact_gather(all_gates(model)), persistent=False)
-        linears = [gl for lg in gated_layers(model) for _, gl in lg.items()
-                   if gl.bias is not None and gl.out_index is not None]
-        if linears:
-            offsets = itertools.accumulate((gl.bias.numel() for gl in linears[:-1]), initial=0)
-            gather = torch.cat([gl.out_index + off for gl, off in zip(linears, offsets)])
-            model.register_buffer("finegates_bias_gather", gather, persistent=False)
-            model.finegates_bias_linears = linears  # type: ignore[attr-defined]
+        linears = _gated_linears(model)
+        dev = linears[0].weight.device
+        model.register_buffer("finegates_bias_gather", _concat_index(
+            [(gl.bias.numel(), _rows(gl.out_index, gl.out_features)) for gl in linears if gl.bias is not None], dev),
+            persistent=False)
+        model.register_buffer("finegates_lora_gather", _concat_index(
+            [part for gl in linears if gl.lora_A is not None for part in (
+                (gl.lora_A.numel(), _block(torch.arange(gl.rank), _rows(gl.in_index, gl.in_features), gl.in_features)),
+                (gl.lora_B.numel(), _block(_rows(gl.out_index, gl.out_features), torch.arange(gl.rank), gl.rank)))],
+            dev), persistent=False)
     return done
+
+
+def _rows(index: torch.Tensor | None, n: int) -> torch.Tensor:
+    return torch.arange(n) if index is None else index.cpu()
+
+
+def _block(rows: torch.Tensor, cols: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """Flat indices of the block ``rows x cols`` of a row-major matrix with ``n_cols`` columns."""
+    return (rows[:, None] * n_cols + cols[None, :]).reshape(-1)
+
+
+def _concat_index(parts: list[tuple[int, torch.Tensor]], device: torch.device) -> torch.Tensor | None:
+    """One gather over the concatenation of flattened tensors: ``parts`` is (numel, flat indices kept) per tensor."""
+    if not parts:
+        return None
+    offsets = itertools.accumulate((n for n, _ in parts[:-1]), initial=0)
+    return torch.cat([idx + off for (_, idx), off in zip(parts, offsets)]).to(device)
 
 
 def uncompact(model: nn.Module) -> None:
     """Undo :func:`compact` (full widths again); a no-op on a model that is not compacted."""
     family_of(model).uncompact(model, gated_layers(model))
-    model._buffers.pop("finegates_gather", None)
-    model._buffers.pop("finegates_bias_gather", None)
-    model.__dict__.pop("finegates_bias_linears", None)
+    for name in ("finegates_gather", "finegates_bias_gather", "finegates_lora_gather"):
+        model._buffers.pop(name, None)
 
 
 @torch.no_grad()

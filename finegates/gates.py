@@ -156,6 +156,41 @@ class GateValues:
         return len(self.sizes)
 
 
+class Batched:
+    """Parameters of several gated linears (their biases, or their LoRA factors) as one forward uses them: on
+    the first request for a dtype, all of them in one chain of ops: concatenated, gathered (``gather``: the kept
+    units of a compacted model, in the concatenation) and cast once. Where there is nothing to do (no gather,
+    their own dtype), each is returned as it is, with no op. On a GPU a step of a small model is bound by the
+    ops it launches: under autocast this replaces a cast per tensor, and compacted an index per tensor."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor], shapes: Sequence[tuple[int, ...]],
+                 gather: torch.Tensor | None = None) -> None:
+        self.tensors, self.shapes, self.gather = list(tensors), [tuple(s) for s in shapes], gather
+        self._by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+
+    def get(self, i: int, dtype: torch.dtype) -> torch.Tensor:
+        t = self.tensors[i]
+        if self.gather is None and t.dtype == dtype:
+            return t
+        parts = self._by_dtype.get(dtype)
+        if parts is None:
+            ts = self.tensors
+            same = all(x.dtype == ts[0].dtype for x in ts)
+            flat = torch.cat([x.reshape(-1) if same else x.reshape(-1).to(dtype) for x in ts])
+            if self.gather is not None:
+                flat = flat[self.gather]
+            flat = flat.to(dtype)
+            parts = self._by_dtype[dtype] = [p.view(shape) for p, shape in
+                                             zip(flat.split([math.prod(s) for s in self.shapes]), self.shapes)]
+        return parts[i]
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matrix product of ``x`` runs in: autocast's where it is on for ``x``'s device, else ``x``'s."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
 def compact_gather(gates: Sequence[Gate]) -> torch.Tensor | None:
     """Indices into the concatenated values of ``gates`` of the units they compute (:attr:`Gate.index`):
     one gather for all compacted gates. None when no gate is compacted."""
@@ -234,29 +269,79 @@ class GatedLinear(nn.Module):
         self.register_buffer("out_index", None, persistent=False)
         self.register_buffer("in_index", None, persistent=False)
         self.register_buffer("compact_weight", None, persistent=False)
-        self.batched_bias: torch.Tensor | None = None  # compacted: the kept bias, gathered for all linears at once
+        # during a forward of the gated model (finegates.gated_model): this linear's bias and LoRA factors, as
+        # (a Batched evaluation of all the model's, index); the frozen weight in autocast's dtype, once made
+        self.batched_bias: tuple[Batched, int] | None = None
+        self.batched_lora: tuple[Batched, int] | None = None
+        self.input_casts: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # shared by the model's linears
+        self._weight_cast: tuple[tuple, torch.Tensor] | None = None
 
     def gates(self) -> list[Gate]:
         return [g for g in (self.row_gate, self.col_gate) if g is not None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., n) -> (..., m); compacted: (..., n') -> (..., m')
-        rows, cols = self.out_index, self.in_index
+        dtype = compute_dtype(x)
         if self.col_gate is not None:  # compacted, the gates return their kept units (Gate.index)
             x = x * self.col_gate.value(x.dtype)
-        if self.compact_weight is None:
-            y = F.linear(x, self.weight, self.bias)
-        else:
-            bias = self.batched_bias
-            if bias is None:
-                bias = self.bias if self.bias is None or rows is None else self.bias[rows]
-            y = F.linear(x, self.compact_weight, bias)
+        elif x.dtype != dtype:  # autocast: cast the input once, for the LoRA path and for the other linears it feeds
+            x = self._cast_input(x, dtype)
+        y = F.linear(x, self._frozen_weight(dtype), self._bias(dtype))
         if self.lora_A is not None:
-            lora_a = self.lora_A if cols is None else self.lora_A[:, cols]
-            lora_b = self.lora_B if rows is None else self.lora_B[rows]
-            y = y + F.linear(F.linear(x, lora_a.to(x.dtype)), lora_b.to(x.dtype)) * self.scaling
+            lora_a, lora_b = self._lora(dtype)
+            h = F.linear(x, lora_a)  # (..., r); then y + s h B^T in one op
+            y = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), lora_b.t(),
+                            alpha=self.scaling).view(y.shape)
         if self.row_gate is not None:
             y = y * self.row_gate.value(y.dtype)
         return y
+
+    def _cast_input(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``x`` in ``dtype``; during a forward of the gated model each input is cast once for all the linears
+        it feeds (Q, K and V read the same hidden states), where autocast would cast it for each."""
+        casts = self.input_casts
+        if casts is None:
+            return x.to(dtype)
+        hit = casts.get(id(x))
+        if hit is None or hit[0] is not x:  # (the entry holds x, so its id is not reused during the forward)
+            hit = casts[id(x)] = (x, x.to(dtype))
+        return hit[1]
+
+    def _frozen_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The frozen weight (its kept block, compacted); under autocast a copy in autocast's dtype, made once and
+        kept while the weight is unchanged, where autocast would cast it again in every forward."""
+        w = self.weight if self.compact_weight is None else self.compact_weight
+        if w.dtype == dtype or not torch.is_autocast_enabled(w.device.type):
+            return w
+        key = (dtype, w is self.weight, w._version)  # .to() / .half() and compact_ drop the copy
+        if self._weight_cast is None or self._weight_cast[0] != key:
+            with torch.no_grad():
+                self._weight_cast = (key, w.to(dtype))
+        return self._weight_cast[1]
+
+    def _bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        if self.batched_bias is not None:  # the model's forward: all gated biases cast / gathered at once
+            values, i = self.batched_bias
+            return values.get(i, dtype)
+        rows = self.out_index
+        return self.bias if self.bias is None or rows is None else self.bias[rows]
+
+    def _lora(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.batched_lora is not None:  # the model's forward: every linear's factors cast / gathered at once
+            values, i = self.batched_lora
+            return values.get(i, dtype), values.get(i + 1, dtype)
+        rows, cols = self.out_index, self.in_index
+        lora_a = self.lora_A if cols is None else self.lora_A[:, cols]
+        lora_b = self.lora_B if rows is None else self.lora_B[rows]
+        return lora_a.to(dtype), lora_b.to(dtype)
+
+    @property
+    def out_width(self) -> int:
+        """How many outputs :meth:`forward` computes (fewer once compacted)."""
+        return self.out_features if self.out_index is None else self.out_index.numel()
+
+    @property
+    def in_width(self) -> int:
+        return self.in_features if self.in_index is None else self.in_index.numel()
 
     @torch.no_grad()
     def compact_(self, out_index: torch.Tensor | None = None, in_index: torch.Tensor | None = None) -> None:
@@ -266,6 +351,7 @@ class GatedLinear(nn.Module):
         The parameters keep their full shapes (export and checkpoints do not see this); ``compact_()`` (no
         arguments) undoes it. The frozen weight's kept block is copied once, here (held beside the full weight)."""
         self.out_index, self.in_index = out_index, in_index
+        self._weight_cast = None
         if self.row_gate is not None:
             self.row_gate.index = out_index
         if self.col_gate is not None:
@@ -275,6 +361,10 @@ class GatedLinear(nn.Module):
             return
         w = self.weight if out_index is None else self.weight.index_select(0, out_index)
         self.compact_weight = (w if in_index is None else w.index_select(1, in_index)).contiguous()
+
+    def _apply(self, fn, recurse=True):  # .to(), .half(), .cuda(): the autocast copy of the weight is made again
+        self._weight_cast = None
+        return super()._apply(fn, recurse)
 
     @property
     def compacted(self) -> bool:

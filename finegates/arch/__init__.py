@@ -79,6 +79,16 @@ class Family:
         with ``keep(gate)`` (an indicator, or a probability for the expectation; differentiable)."""
         raise NotImplementedError
 
+    def layers_kept(self, layers: list["LayerGates"], keep: KeepFn) -> tuple[torch.Tensor, int]:
+        """:meth:`layer_kept` summed over ``layers``. A family may compute it in fewer ops (the penalty runs every
+        step, and on a GPU a step is bound by the ops it launches)."""
+        kept, total = 0.0, 0
+        for lg in layers:
+            k, t = self.layer_kept(lg, keep)
+            kept = kept + k
+            total += t
+        return kept, total
+
     # ---- compaction (the recovery phase trains only the units that are pinned open)
     def compact(self, model: nn.Module, layers: list["LayerGates"]) -> bool:
         """Make every gated layer compute only its pinned-open units, exactly (``GatedLinear.compact_``),

@@ -74,20 +74,47 @@ class Bert(Family):
     def layer_kept(self, lg, keep: KeepFn) -> tuple[torch.Tensor, int]:
         """A Q/K dimension j survives iff Q-row j and K-row j are open; a V/O dimension iff V-row j and
         O-column j; an FFN neuron iff up-row j and down-column j. Each survivor keeps 2 * hidden weights."""
-        h = lg.q.in_features
 
         def both(a, b, size: int) -> torch.Tensor | float:
             """sum over units of keep(a) * keep(b); a missing gate keeps all (no op spent on a ones vector)."""
-            ka = None if a is None else keep(a)
-            kb = None if b is None else keep(b)
+            ka, kb = a(lg), b(lg)
+            ka = None if ka is None else keep(ka)
+            kb = None if kb is None else keep(kb)
             if ka is None and kb is None:
                 return float(size)
             return (ka if kb is None else kb if ka is None else ka * kb).sum()
 
-        kept = (2 * h * (both(lg.q.row_gate, lg.k.row_gate, lg.q.out_features)
-                         + both(lg.v.row_gate, lg.o.col_gate, lg.v.out_features))
-                + 2 * lg.up.in_features * both(lg.up.row_gate, lg.down.col_gate, lg.up.out_features))
-        return kept, sum(gl.weight.numel() for _, gl in lg.items())
+        return self._kept(lg, both), sum(gl.weight.numel() for _, gl in lg.items())
+
+    def layers_kept(self, layers, keep: KeepFn) -> tuple[torch.Tensor, int]:
+        """All layers at once where they are alike (the same sizes and the same gates): each pair of gates'
+        keep values stacked over the layers, so the expectation costs a few ops, not a few per layer."""
+        first = layers[0] if layers else None
+
+        def shape(lg) -> tuple:
+            return tuple((slot, gl.in_features, gl.out_features, gl.row_gate is None, gl.col_gate is None)
+                         for slot, gl in lg.items())
+
+        if first is None or any(shape(lg) != shape(first) for lg in layers[1:]):
+            return super().layers_kept(layers, keep)
+
+        def both(a, b, size: int) -> torch.Tensor | float:
+            ka = None if a(first) is None else torch.stack([keep(a(lg)) for lg in layers])
+            kb = None if b(first) is None else torch.stack([keep(b(lg)) for lg in layers])
+            if ka is None and kb is None:
+                return float(size * len(layers))
+            return (ka if kb is None else kb if ka is None else ka * kb).sum()
+
+        return self._kept(first, both), len(layers) * sum(gl.weight.numel() for _, gl in first.items())
+
+    @staticmethod
+    def _kept(lg, both) -> torch.Tensor:
+        """The kept gated weights, given ``both(gate_a, gate_b, size)``: the units kept by two gates (each a
+        function of a layer: its gate, or None where there is none)."""
+        h = lg.q.in_features
+        return (2 * h * (both(lambda m: m.q.row_gate, lambda m: m.k.row_gate, lg.q.out_features)
+                         + both(lambda m: m.v.row_gate, lambda m: m.o.col_gate, lg.v.out_features))
+                + 2 * lg.up.in_features * both(lambda m: m.up.row_gate, lambda m: m.down.col_gate, lg.up.out_features))
 
     # ---- compaction
     def compact(self, model: nn.Module, layers) -> bool:

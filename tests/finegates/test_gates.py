@@ -442,3 +442,84 @@ def test_training_with_batched_gates_is_training_with_gates_one_by_one():
         return torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
 
     assert torch.equal(train(batched=True), train(batched=False))
+
+
+def _data_ptrs_cast(fn) -> set[int]:
+    """The data pointers of the tensors that ``fn`` casts (``aten._to_copy``)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: set[int] = set()
+
+    class Casts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func.overloadpacket) == "aten._to_copy":
+                seen.add(args[0].data_ptr())
+            return func(*args, **(kwargs or {}))
+
+    with Casts():
+        fn()
+    return seen
+
+
+@pytest.mark.parametrize("layout", ["coupled", "independent"])
+def test_under_autocast_no_gated_parameter_is_cast_one_by_one(layout):
+    """On a GPU a step is bound by the ops it launches. Under autocast a gated linear's frozen weight is cast
+    once and kept, and the gated biases and LoRA factors are cast in one op for the whole model, not one per
+    linear; the logits are those of casting each one on its own, and a weight loaded anew is cast anew."""
+    torch.manual_seed(0)
+    m = _tiny_bert()
+    apply_gates(m, layout=layout, rank=2)
+    linears = [gl for lg in m.finegates_layers for _, gl in lg.items()]
+    with torch.no_grad():
+        for gl in linears:
+            gl.bias.normal_()
+            gl.lora_B.normal_()
+            for g in gl.gates():
+                g.theta.copy_(torch.randn_like(g.theta))
+    m.eval()
+    x = torch.randint(0, 50, (2, 8))
+    amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    with torch.no_grad(), amp():
+        m(input_ids=x)  # the first forward makes the weights' copies
+        own = {p.data_ptr() for gl in linears for p in (gl.weight, gl.bias, gl.lora_A, gl.lora_B)}
+        logits = []
+        cast = _data_ptrs_cast(lambda: logits.append(m(input_ids=x).logits))
+        assert not cast & own
+        one_by_one = m.forward(input_ids=x).logits  # no hooks: every linear casts its own bias and factors
+    assert logits[0].dtype == torch.bfloat16 and torch.equal(logits[0], one_by_one)
+
+    other = _tiny_bert()
+    apply_gates(other, layout=layout, rank=2)
+    with torch.no_grad():
+        for (_, p), (_, q) in zip(m.named_parameters(), other.named_parameters()):
+            q.copy_(p)
+        for gl in [gl for lg in other.finegates_layers for _, gl in lg.items()]:
+            gl.weight.mul_(1.5)
+        m.load_state_dict(other.state_dict())
+    other.eval()
+    with torch.no_grad(), amp():
+        assert torch.equal(m(input_ids=x).logits, other(input_ids=x).logits)
+        assert not torch.equal(m(input_ids=x).logits, logits[0])
+
+
+@pytest.mark.parametrize("layout", ["coupled", "independent"])
+def test_expected_sparsity_of_alike_layers_is_computed_for_all_layers_at_once(layout):
+    """The controller's penalty runs every step: layers alike are stacked, so it costs a few ops whatever the
+    depth, and it is the sum over layers one by one (the family's generic path), gradient included."""
+    from finegates.arch import Family
+    from finegates.gated_model import family_of, gated_layers
+
+    torch.manual_seed(0)
+    m = _gated_tiny_bert(layout)
+    fam, lgs = family_of(m), gated_layers(m)
+    p = {id(g): g.p_open() for g in all_gates(m)}
+    kept, total = fam.layers_kept(lgs, lambda g: p[id(g)])
+    kept_loop, total_loop = Family.layers_kept(fam, lgs, lambda g: p[id(g)])
+    assert total == total_loop and kept.item() == pytest.approx(kept_loop.item(), rel=1e-6)
+    thetas = [g.theta for g in all_gates(m)]  # (residual-side gates of the paper layout remove nothing: no gradient)
+    g_stacked = torch.autograd.grad(kept, thetas, retain_graph=True, allow_unused=True)
+    g_loop = torch.autograd.grad(kept_loop, thetas, allow_unused=True)
+    assert [a is None for a in g_stacked] == [b is None for b in g_loop] != [True] * len(thetas)
+    assert all(a is None or torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(g_stacked, g_loop))
+    sums = {"coupled": 3, "independent": 3}[layout]  # one per pair of gates (Q/K, V/O, FFN), not one per layer
+    assert _count(lambda: expected_sparsity(m), "aten.sum") == sums
