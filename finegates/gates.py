@@ -312,7 +312,7 @@ class GatedLinear(nn.Module):
         w = self.weight if self.compact_weight is None else self.compact_weight
         if w.dtype == dtype or not torch.is_autocast_enabled(w.device.type):
             return w
-        key = (dtype, w is self.weight, w._version)  # .to() / .half() and compact_ drop the copy
+        key = (dtype, w is self.weight, w.data_ptr(), w._version)  # (.to(), .half() and compact_ drop the copy)
         if self._weight_cast is None or self._weight_cast[0] != key:
             with torch.no_grad():
                 self._weight_cast = (key, w.to(dtype))
