@@ -116,9 +116,9 @@ def _gate_pass_begin(model: nn.Module, args) -> None:
     for i, g in enumerate(gates):
         g.batched = (values, i)
     linears = _gated_linears(model)
-    casts: dict = {}  # under autocast, each input cast once for every linear it feeds
+    last_cast: list = [None]  # under autocast, an input cast once for the linears it feeds one after another
     for gl in linears:
-        gl.input_casts = casts
+        gl.input_casts = last_cast
     with_bias = [gl for gl in linears if gl.bias is not None]
     biases = Batched([gl.bias for gl in with_bias], [(gl.out_width,) for gl in with_bias],
                      getattr(model, "finegates_bias_gather", None))
@@ -230,6 +230,9 @@ def compact(model: nn.Module) -> bool:
     """After the pin: every gated layer computes only its pinned-open units (the family's
     :meth:`~finegates.arch.Family.compact`), exactly: logits and gradients are those of the full widths up to
     float rounding. False where the family does not compact (nothing changed)."""
+    if len({gl.weight.device for gl in _gated_linears(model)}) > 1:
+        log.info("recovery at full widths: the gated linears are on several devices")
+        return False
     done = family_of(model).compact(model, gated_layers(model))
     if done:  # the compacted gates' values, the kept rows of the biases and the kept parts of the LoRA factors, in
         # one gather each per forward; the gathers are buffers (not saved) so that .to() moves them with the model

@@ -175,6 +175,8 @@ class Batched:
         parts = self._by_dtype.get(dtype)
         if parts is None:
             ts = self.tensors
+            if any(x.device != ts[0].device for x in ts):  # a model spread over devices: one by one (no gather then:
+                return t.to(dtype)                          # gated_model.compact refuses such a model)
             same = all(x.dtype == ts[0].dtype for x in ts)
             flat = torch.cat([x.reshape(-1) if same else x.reshape(-1).to(dtype) for x in ts])
             if self.gather is not None:
@@ -186,9 +188,12 @@ class Batched:
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a matrix product of ``x`` runs in: autocast's where it is on for ``x``'s device, else ``x``'s."""
+    """The dtype a matrix product of ``x`` runs in: autocast's where it is on for ``x``'s device (autocast leaves
+    float64 alone), else ``x``'s."""
     dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    if x.dtype == torch.float64 or not torch.is_autocast_enabled(dev):
+        return x.dtype
+    return torch.get_autocast_dtype(dev)
 
 
 def compact_gather(gates: Sequence[Gate]) -> torch.Tensor | None:
@@ -273,8 +278,9 @@ class GatedLinear(nn.Module):
         # (a Batched evaluation of all the model's, index); the frozen weight in autocast's dtype, once made
         self.batched_bias: tuple[Batched, int] | None = None
         self.batched_lora: tuple[Batched, int] | None = None
-        self.input_casts: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # shared by the model's linears
+        self.input_casts: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None  # a slot shared by the model's
         self._weight_cast: tuple[tuple, torch.Tensor] | None = None
+        self._register_load_state_dict_pre_hook(self.drop_weight_cast)
 
     def gates(self) -> list[Gate]:
         return [g for g in (self.row_gate, self.col_gate) if g is not None]
@@ -283,28 +289,31 @@ class GatedLinear(nn.Module):
         dtype = compute_dtype(x)
         if self.col_gate is not None:  # compacted, the gates return their kept units (Gate.index)
             x = x * self.col_gate.value(x.dtype)
+            x = x if x.dtype == dtype else x.to(dtype)  # autocast: cast once, for the main and the LoRA product
         elif x.dtype != dtype:  # autocast: cast the input once, for the LoRA path and for the other linears it feeds
             x = self._cast_input(x, dtype)
         y = F.linear(x, self._frozen_weight(dtype), self._bias(dtype))
         if self.lora_A is not None:
             lora_a, lora_b = self._lora(dtype)
             h = F.linear(x, lora_a)  # (..., r); then y + s h B^T in one op
-            y = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), lora_b.t(),
+            n = math.prod(y.shape[:-1])
+            y = torch.addmm(y.reshape(n, y.shape[-1]), h.reshape(n, h.shape[-1]), lora_b.t(),
                             alpha=self.scaling).view(y.shape)
         if self.row_gate is not None:
             y = y * self.row_gate.value(y.dtype)
         return y
 
     def _cast_input(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``x`` in ``dtype``; during a forward of the gated model each input is cast once for all the linears
-        it feeds (Q, K and V read the same hidden states), where autocast would cast it for each."""
-        casts = self.input_casts
-        if casts is None:
+        """``x`` in ``dtype``; during a forward of the gated model an input is cast once for the linears it feeds
+        one after another (Q, K and V read the same hidden states), where autocast would cast it for each. Only
+        the last input is held (``input_casts``, one slot shared by the model's linears), so that no activation is
+        kept longer than the linears that read it."""
+        last = self.input_casts
+        if last is None:
             return x.to(dtype)
-        hit = casts.get(id(x))
-        if hit is None or hit[0] is not x:  # (the entry holds x, so its id is not reused during the forward)
-            hit = casts[id(x)] = (x, x.to(dtype))
-        return hit[1]
+        if last[0] is None or last[0][0] is not x or last[0][1].dtype != dtype:
+            last[0] = (x, x.to(dtype))
+        return last[0][1]
 
     def _frozen_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The frozen weight (its kept block, compacted); under autocast a copy in autocast's dtype, made once and
@@ -312,11 +321,21 @@ class GatedLinear(nn.Module):
         w = self.weight if self.compact_weight is None else self.compact_weight
         if w.dtype == dtype or not torch.is_autocast_enabled(w.device.type):
             return w
-        key = (dtype, w is self.weight, w.data_ptr(), w._version)  # (.to(), .half() and compact_ drop the copy)
+        # made again after .to(), .half(), load_state_dict (hooks below), compact_, or an in-place write to the
+        # weight; a write through ``weight.data`` is not seen: call drop_weight_cast() after one
+        key = (dtype, w is self.weight, w.data_ptr(), w._version)
         if self._weight_cast is None or self._weight_cast[0] != key:
-            with torch.no_grad():
+            with torch.no_grad(), torch.inference_mode(False):  # a normal tensor, even if made under inference mode
                 self._weight_cast = (key, w.to(dtype))
         return self._weight_cast[1]
+
+    def drop_weight_cast(self, *args, **kwargs) -> None:
+        """Forget the autocast copy of the frozen weight (it is made again on the next forward under autocast)."""
+        self._weight_cast = None
+
+    def __getstate__(self):  # deepcopy / pickle: not the copy
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        return {**state, "_weight_cast": None}
 
     def _bias(self, dtype: torch.dtype) -> torch.Tensor | None:
         if self.batched_bias is not None:  # the model's forward: all gated biases cast / gathered at once

@@ -444,16 +444,16 @@ def test_training_with_batched_gates_is_training_with_gates_one_by_one():
     assert torch.equal(train(batched=True), train(batched=False))
 
 
-def _data_ptrs_cast(fn) -> set[int]:
-    """The data pointers of the tensors that ``fn`` casts (``aten._to_copy``)."""
+def _casts(fn) -> list[torch.Tensor]:
+    """The tensors that ``fn`` casts (the inputs of ``aten._to_copy``)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    seen: set[int] = set()
+    seen: list[torch.Tensor] = []
 
     class Casts(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if str(func.overloadpacket) == "aten._to_copy":
-                seen.add(args[0].data_ptr())
+                seen.append(args[0])
             return func(*args, **(kwargs or {}))
 
     with Casts():
@@ -464,8 +464,9 @@ def _data_ptrs_cast(fn) -> set[int]:
 @pytest.mark.parametrize("layout", ["coupled", "independent"])
 def test_under_autocast_no_gated_parameter_is_cast_one_by_one(layout):
     """On a GPU a step is bound by the ops it launches. Under autocast a gated linear's frozen weight is cast
-    once and kept, and the gated biases and LoRA factors are cast in one op for the whole model, not one per
-    linear; the logits are those of casting each one on its own, and a weight loaded anew is cast anew."""
+    once and kept, the gated biases and LoRA factors are cast in one op for the whole model, not one per
+    linear, and the hidden states that Q, K and V read are cast once for the three; the logits are those of
+    casting each on its own, the gradients equal within bf16 rounding, and a weight loaded anew is cast anew."""
     torch.manual_seed(0)
     m = _tiny_bert()
     apply_gates(m, layout=layout, rank=2)
@@ -476,30 +477,49 @@ def test_under_autocast_no_gated_parameter_is_cast_one_by_one(layout):
             gl.lora_B.normal_()
             for g in gl.gates():
                 g.theta.copy_(torch.randn_like(g.theta))
-    m.eval()
+    m.eval()  # deterministic gates: the hooked and the plain forward compute the same function
     x = torch.randint(0, 50, (2, 8))
     amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
-    with torch.no_grad(), amp():
-        m(input_ids=x)  # the first forward makes the weights' copies
-        own = {p.data_ptr() for gl in linears for p in (gl.weight, gl.bias, gl.lora_A, gl.lora_B)}
-        logits = []
-        cast = _data_ptrs_cast(lambda: logits.append(m(input_ids=x).logits))
-        assert not cast & own
-        one_by_one = m.forward(input_ids=x).logits  # no hooks: every linear casts its own bias and factors
-    assert logits[0].dtype == torch.bfloat16 and torch.equal(logits[0], one_by_one)
+    with torch.inference_mode(), amp():
+        m(input_ids=x)  # the first forward makes the weights' copies (under inference mode: still usable to train)
+    own = {p.data_ptr() for gl in linears for p in (gl.weight, gl.bias, gl.lora_A, gl.lora_B)}
 
-    other = _tiny_bert()
-    apply_gates(other, layout=layout, rank=2)
-    with torch.no_grad():
-        for (_, p), (_, q) in zip(m.named_parameters(), other.named_parameters()):
-            q.copy_(p)
-        for gl in [gl for lg in other.finegates_layers for _, gl in lg.items()]:
-            gl.weight.mul_(1.5)
-        m.load_state_dict(other.state_dict())
-    other.eval()
-    with torch.no_grad(), amp():
-        assert torch.equal(m(input_ids=x).logits, other(input_ids=x).logits)
-        assert not torch.equal(m(input_ids=x).logits, logits[0])
+    def run(forward, casts=None):
+        m.zero_grad()
+        with amp():
+            out = []
+            cast = _casts(lambda: out.append(forward(input_ids=x).logits))
+        out[0].float().square().sum().backward()
+        if casts is not None:
+            casts += cast
+        return out[0].detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    cast: list[torch.Tensor] = []
+    logits, grads = run(m, cast)
+    assert not {t.data_ptr() for t in cast} & own
+    hidden_in = [t for t in cast if t.dtype == torch.float32 and t.shape == (2, 8, m.config.hidden_size)]
+    if layout == "coupled":  # per layer: the attention's input (for Q, K, V and their LoRA) and the FFN's, once each
+        assert len(hidden_in) == 2 * m.config.num_hidden_layers
+    logits_plain, grads_plain = run(m.forward)  # m.forward: no hooks, every linear casts what it uses
+    assert logits.dtype == torch.bfloat16 and torch.equal(logits, logits_plain)
+    assert grads.keys() == grads_plain.keys()
+    for k in grads:
+        scale = grads_plain[k].abs().max().item()
+        assert (grads[k] - grads_plain[k]).abs().max().item() <= 0.05 * scale + 1e-6, k  # bf16: ~2^-8 a rounding
+
+    for assign in (False, True):
+        other = _tiny_bert()
+        apply_gates(other, layout=layout, rank=2)
+        with torch.no_grad():
+            other.load_state_dict(m.state_dict())
+            for gl in [gl for lg in other.finegates_layers for _, gl in lg.items()]:
+                gl.weight.mul_(1.5)
+            m.load_state_dict(other.state_dict(), assign=assign)
+        other.eval()
+        with torch.no_grad(), amp():
+            assert torch.equal(m(input_ids=x).logits, other(input_ids=x).logits)
+            assert not torch.equal(m(input_ids=x).logits, logits)
+        logits = m(input_ids=x).logits
 
 
 @pytest.mark.parametrize("layout", ["coupled", "independent"])
