@@ -268,6 +268,61 @@ def per_seed_table(rows: list[dict], configs: list[str], tasks: list[str], predi
     return "\n".join(lines)
 
 
+def difference_table(rows: list[dict], configs: list[str], tasks: list[str], predictions_dir: Path, ref: str) -> str:
+    """Each config minus ``ref``, in points, on the same evaluation examples: per task the difference of the
+    seeds' mean scores and its 95% paired bootstrap interval over the evaluation examples (tune.stats: the same
+    resamples for both models), and the mean over tasks with its interval (the tasks' resampled differences
+    averaged). Only (task, seed) pairs where both runs left their predictions count. The interval is the
+    evaluation set's noise only: another seed (another training subset and teacher) moves a score more."""
+    import numpy as np
+
+    from tasks import get_task
+    from tune.stats import Bootstrap, percentile_interval
+
+    ok = {(r["config"], r["task"], r["seed"]) for r in rows if "error" not in r}
+    seeds = sorted({r["seed"] for r in rows})
+
+    def preds(c: str, t: str, seed: int):
+        f = predictions_dir / f"{t}-{c}-{seed}.npz"
+        if (c, t, seed) not in ok or not f.is_file():
+            return None
+        with np.load(f) as z:
+            return z["predictions"], z["labels"]
+
+    def cell(d: float, lo: float, hi: float) -> str:
+        return f"{100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+    lines = ["| config | " + " | ".join(tasks) + " | mean | worst task |", "|" + "---|" * (len(tasks) + 3)]
+    for c in [c for c in configs if c != ref]:
+        cells, est, reps = [], [], []
+        for t in tasks:
+            ds, rs = [], []
+            for seed in seeds:
+                a, b = preds(c, t, seed), preds(ref, t, seed)
+                if a is None or b is None or not np.array_equal(a[1], b[1]):
+                    continue
+                bs = Bootstrap(get_task(t), a[1])
+                ds.append(bs.point(a[0]) - bs.point(b[0]))
+                rs.append(bs.scores(a[0]) - bs.scores(b[0]))
+            if not ds:
+                cells.append("-")
+                continue
+            d, r = statistics.mean(ds), np.mean(rs, axis=0)
+            ci = percentile_interval(r, d)
+            cells.append(cell(d, ci.low, ci.high) + (f" ({len(ds)} seeds)" if len(ds) > 1 else ""))
+            est.append(d)
+            reps.append(r)
+        if not est:
+            continue
+        n = min(len(r) for r in reps)
+        mean_ci = percentile_interval(np.mean([r[:n] for r in reps], axis=0), statistics.mean(est))
+        done = [t for t, x in zip(tasks, cells) if x != "-"]
+        low_task, low = min(zip(done, est), key=lambda te: te[1])
+        lines.append(f"| {c} | " + " | ".join(cells) + f" | {cell(mean_ci.estimate, mean_ci.low, mean_ci.high)}"
+                     + ("" if len(est) == len(tasks) else " (partial)") + f" | {low_task} {100 * low:+.1f} |")
+    return "\n".join(lines)
+
+
 def prunes(config: str) -> bool:
     """The config's method prunes (the registry's ``Method.prunes``: FineGates and FineGates-LoRA)."""
     from finegates.config import TrainConfig
@@ -367,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-seed", action="store_true", help="also print one row per config and seed, cells at "
                    "chance level marked; with --predictions-dir, also FineGates as the trusted selector picks it")
     p.add_argument("--budgets", default="0.02", help="budgets of the trusted-selector rows (default: 0.02)")
+    p.add_argument("--vs", default=None, metavar="CONFIG", help="with --predictions-dir: also every config minus "
+                   "CONFIG, in points, with 95%% paired bootstrap intervals over the evaluation examples")
     p.add_argument("--table-only", action="store_true")
     p.add_argument("--smoke-test", action="store_true", help="the whole pipeline at tiny sizes (~2 min)")
     a = p.parse_args(argv)
@@ -380,6 +437,10 @@ def main(argv: list[str] | None = None) -> int:
     bad = [c for c in a.configs.split(",") if c and c not in CONFIGS]
     if bad:
         print(f"error: unknown config(s) {', '.join(bad)}; accepted: {', '.join(CONFIGS)}", file=sys.stderr)
+        return 2
+    if a.vs is not None and (a.vs not in CONFIGS or not a.predictions_dir):
+        print(f"error: --vs {a.vs!r} is invalid; accepted: one of the configs ({', '.join(CONFIGS)}), "
+              "with --predictions-dir", file=sys.stderr)
         return 2
     try:
         a.seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
@@ -413,6 +474,11 @@ def main(argv: list[str] | None = None) -> int:
                   "seeded by the run's seed; report-part score (selection-part score [95% interval]) / exported "
                   "sparsity, picked config):\n")
             print(selector_table(rows, [c for c in a.configs.split(",") if c], a.tasks.split(","), preds, budgets))
+    if a.vs is not None:
+        print(f"\nDifference from {a.vs} in points (the seeds' mean; [95% paired bootstrap interval over the "
+              "evaluation examples: the evaluation set's noise, not the seeds']):\n")
+        print(difference_table(rows, [c for c in a.configs.split(",") if c], a.tasks.split(","),
+                               Path(a.predictions_dir), a.vs))
     errors = [r for r in rows if "error" in r]
     for r in errors:
         print(f"failed: {r['task']} {r['config']} seed {r['seed']}: {r['error']}", file=sys.stderr)

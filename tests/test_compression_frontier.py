@@ -88,11 +88,40 @@ def test_finegates_rows_through_the_trusted_selector(tmp_path):
                         "not confirmed: `fg-40-kd` 0.000 on the held-out part, trivial 0.500 | 1.000 (partial) |")
 
 
+def test_differences_from_a_reference_are_paired_with_their_interval(tmp_path):
+    """Each config minus the reference on the same examples, in points, with its paired bootstrap interval (20
+    more errors in 400 examples: -5 points, SE 1.1), the mean over tasks and the worst task; a task without the
+    reference's predictions is left out, and the mean says it is partial."""
+    import numpy as np
+
+    y = np.array([0, 1] * 200)
+    ref, worse = y.copy(), y.copy()
+    ref[:40] = 1 - ref[:40]          # 90% right
+    worse[:40] = 1 - worse[:40]
+    worse[100:120] = 1 - worse[100:120]  # the same errors and 20 more: 85%
+    for task, a, b in (("sst2", worse, ref), ("qnli", ref, ref)):
+        np.savez(tmp_path / f"{task}-lora-1.npz", predictions=b, labels=y)
+        np.savez(tmp_path / f"{task}-fg-40-kd-1.npz", predictions=a, labels=y)
+    np.savez(tmp_path / "rte-fg-40-kd-1.npz", predictions=ref, labels=y)  # no lora run of rte
+    rows = [{"task": t, "config": c, "seed": 1, "score": 0.0} for t in ("sst2", "qnli", "rte")
+            for c in ("lora", "fg-40-kd")]
+    lines = cf.difference_table(rows, ["lora", "fg-40-kd"], ["sst2", "qnli", "rte"], tmp_path, "lora").splitlines()
+    assert len(lines) == 3
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells[0] == "fg-40-kd" and cells[2] == "+0.0 [+0.0, +0.0]" and cells[3] == "-"
+    d, lo, hi = (float(x) for x in cells[1].replace("[", "").replace("]", "").replace(",", "").split())
+    assert d == -5.0 and -9 < lo < -5 < hi < -1.5  # paired: SE sqrt(0.05 * 0.95 / 400) = 1.1 points
+    assert cells[4].startswith("-2.5 [") and cells[4].endswith("(partial)") and cells[5] == "sst2 -5.0"
+
+
 def test_bad_head_lr_or_budgets_are_one_line_and_exit_2(tmp_path, capsys):
     out = tmp_path / "r.jsonl"
     for args, message in ((["--head-lr", "0"], "--head-lr 0.0 is invalid; accepted: a finite number > 0"),
                           (["--budgets", "0.02,abc"], "--budgets '0.02,abc' is invalid; accepted: comma-separated "
-                                                      "numbers in [0, 1]")):
+                                                      "numbers in [0, 1]"),
+                          (["--vs", "loRA", "--predictions-dir", str(tmp_path)],
+                           f"--vs 'loRA' is invalid; accepted: one of the configs ({', '.join(cf.CONFIGS)}), "
+                           "with --predictions-dir")):
         assert cf.main(["--jsonl", str(out), "--table-only", *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err == [f"error: {message}"]
