@@ -278,7 +278,7 @@ class GatedLinear(nn.Module):
         # (a Batched evaluation of all the model's, index); the frozen weight in autocast's dtype, once made
         self.batched_bias: tuple[Batched, int] | None = None
         self.batched_lora: tuple[Batched, int] | None = None
-        self.input_casts: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None  # a slot shared by the model's
+        self.input_casts: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None  # one slot, shared
         self._weight_cast: tuple[tuple, torch.Tensor] | None = None
         self._register_load_state_dict_pre_hook(self.drop_weight_cast)
 
@@ -321,8 +321,8 @@ class GatedLinear(nn.Module):
         w = self.weight if self.compact_weight is None else self.compact_weight
         if w.dtype == dtype or not torch.is_autocast_enabled(w.device.type):
             return w
-        # made again after .to(), .half(), load_state_dict (hooks below), compact_, or an in-place write to the
-        # weight; a write through ``weight.data`` is not seen: call drop_weight_cast() after one
+        # made again after .to(), .half(), load_state_dict (a pre-hook, set in __init__), compact_, or an in-place
+        # write to the weight; a write through ``weight.data`` is not seen: call drop_weight_cast() after one
         key = (dtype, w is self.weight, w.data_ptr(), w._version)
         if self._weight_cast is None or self._weight_cast[0] != key:
             with torch.no_grad(), torch.inference_mode(False):  # a normal tensor, even if made under inference mode
