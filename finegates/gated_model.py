@@ -166,7 +166,7 @@ def gated_layers(model: nn.Module) -> list[LayerGates]:
 
 
 def all_gates(model: nn.Module) -> list[Gate]:
-    return [g for lg in gated_layers(model) for _, gl in lg.items() for g in gl.gates()]
+    return [g for gl in _gated_linears(model) for g in gl.gates()]
 
 
 def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
