@@ -73,6 +73,19 @@ CONFIGS: dict[str, list[str]] = {
 }
 
 
+TEACHER_LABEL = {"lora": "LoRA r8, lr 1e-3", "full": "full finetuning, lr 5e-5"}
+
+
+def teacher_kind(config: str) -> str | None:
+    """The teacher a config's FineGates runs distil from (``--teacher``, else the default), or None. Dense
+    methods never distil; their rows carry no teacher fields, so this is not asked of them."""
+    from finegates.config import TrainConfig
+
+    flags = CONFIGS[config]
+    kind = flags[flags.index("--teacher") + 1] if "--teacher" in flags else TrainConfig.teacher
+    return None if kind == "none" else kind
+
+
 def _reference_flags(method: str) -> list[str]:
     """finegates.train flags of a method's reference configuration (tune/space.py's first trial)."""
     import dataclasses
@@ -182,17 +195,17 @@ def table(rows: list[dict], configs: list[str], tasks: list[str]) -> str:
     by = defaultdict(list)
     for r in ok:
         by[(r["config"], r["task"])].append(r)
-    # teacher cost per task: the runs that trained one (one per training subset, i.e. per seed), amortised over
-    # that task's teacher-using rows
-    trained = defaultdict(list)  # task -> [(teacher score, teacher training s)]
+    # teacher cost per task and teacher kind: the runs that trained one (one per training subset, i.e. per seed),
+    # amortised over the rows that used that kind of teacher on that task
+    trained = defaultdict(list)  # (task, kind) -> [(teacher score, teacher training s)]
     for r in ok:
         if r.get("teacher_reused") is False:
-            trained[r["task"]].append((r["teacher_score"], r["teacher_train_time_s"]))
-    teacher_time = {t: sum(s for _, s in v) for t, v in trained.items()}
+            trained[(r["task"], teacher_kind(r["config"]))].append((r["teacher_score"], r["teacher_train_time_s"]))
+    teacher_time = {tk: sum(s for _, s in v) for tk, v in trained.items()}
     kd_rows = defaultdict(int)
     for r in ok:
         if r.get("teacher_train_time_s") is not None:
-            kd_rows[r["task"]] += 1
+            kd_rows[(r["task"], teacher_kind(r["config"]))] += 1
     head = "| config | " + " | ".join(tasks) + " | mean score | mean sparsity | train s / run (+ teacher share) |"
     lines = [head, "|" + "---|" * (len(tasks) + 4)]
     for c in configs:
@@ -204,17 +217,18 @@ def table(rows: list[dict], configs: list[str], tasks: list[str]) -> str:
             if rs:
                 means.append(statistics.mean(r["score"] for r in rs))
                 sps.append(statistics.mean(r["sparsity"] for r in rs))
-                share = teacher_time.get(t, 0.0) / kd_rows[t] if rs[0].get("teacher_train_time_s") else 0.0
+                tk = (t, teacher_kind(c))
+                share = teacher_time.get(tk, 0.0) / kd_rows[tk] if rs[0].get("teacher_train_time_s") else 0.0
                 times += [r["train_time_s"] + share for r in rs]
         complete = len(means) == len(tasks)
         lines.append(f"| {c} | " + " | ".join(cells) + f" | {statistics.mean(means):.3f}{'' if complete else ' (partial)'}"
                      f" | {100 * statistics.mean(sps):.0f}% | {statistics.mean(times):.0f} |" if means else
                      f"| {c} | " + " | ".join(cells) + " | - | - | - |")
-    if trained:
+    for kind in sorted({k for _, k in trained}):
         lines.append("")
-        lines.append("Teachers (LoRA r8, lr 1e-3, same data; one per seed's training subset): " + ", ".join(
+        lines.append(f"Teachers ({TEACHER_LABEL[kind]}, same data; one per seed's training subset): " + ", ".join(
             f"{t} " + " / ".join(f"{sc:.3f}" for sc, _ in v) + " in " + " + ".join(f"{s:.0f}" for _, s in v)
-            + f" s (shared by {kd_rows[t]} runs)" for t, v in sorted(trained.items())))
+            + f" s (shared by {kd_rows[(t, k)]} runs)" for (t, k), v in sorted(trained.items()) if k == kind))
     devices = sorted({f"{r.get('device')} {r.get('precision')}" for r in ok})
     lines.append(f"\nscore / exported sparsity; mean ± std over seeds where there are several; devices: {', '.join(devices)}")
     return "\n".join(lines)

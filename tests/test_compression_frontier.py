@@ -36,6 +36,19 @@ def test_a_head_lr_keeps_its_rows_apart(tmp_path):
     assert [r["config"] for r in cf.load(p, fair)] == ["bitfit"]
 
 
+def test_each_teacher_kind_is_charged_to_the_rows_that_used_it():
+    def row(config, train_s, teacher_s, reused):
+        return {"task": "sst2", "config": config, "seed": 1, "score": 0.8, "sparsity": 0.4, "train_time_s": train_s,
+                "teacher_score": 0.8, "teacher_train_time_s": teacher_s, "teacher_reused": reused}
+
+    rows = [row("fgl-40-kd", 100.0, 60.0, False), row("fg-40-kd", 50.0, 60.0, True),  # one LoRA teacher, 2 rows
+            row("fgl-40-kdfull", 100.0, 90.0, False)]  # one full teacher, 1 row
+    lines = cf.table(rows, ["fgl-40-kd", "fg-40-kd", "fgl-40-kdfull"], ["sst2"]).splitlines()
+    assert lines[2].endswith("| 130 |") and lines[3].endswith("| 80 |") and lines[4].endswith("| 190 |")
+    assert any(x.startswith("Teachers (LoRA r8") and "shared by 2 runs" in x for x in lines)
+    assert any(x.startswith("Teachers (full finetuning") and "shared by 1 runs" in x for x in lines)
+
+
 def test_per_seed_rows_are_single_models_and_chance_is_marked():
     def row(config, seed, score, trivial, n=400, sparsity=0.0, task="sst2"):
         return {"task": task, "config": config, "seed": seed, "score": score, "trivial_score": trivial,
