@@ -67,7 +67,7 @@ class Gate(nn.Module):
         self.sigma_reg = sigma_reg
         self.register_buffer("pinned_closed", torch.zeros(size, dtype=torch.bool), persistent=False)
         self.pinned = False
-        self.batched: tuple[GateValues, int] | None = None  # (a gate_values evaluation, this gate's index), while set
+        self.batched: tuple[Batched, int] | None = None  # (a gate_values evaluation, this gate's index), while set
         # while its linear is compacted (GatedLinear.compact_): the units it computes; forward and value return
         # these units only (eval_values, closed, p_open: always all of them). A buffer: .to() moves it
         self.register_buffer("index", None, persistent=False)
@@ -137,53 +137,53 @@ def _uniform(gates: Sequence[Gate]) -> bool:
                and g.theta.device == g0.theta.device for g in gates)
 
 
-class GateValues:
-    """One evaluation of several gates: their values concatenated, a slice per gate, cast to another dtype
-    once for all of them, on the first request for it."""
-
-    def __init__(self, z: torch.Tensor, sizes: list[int]) -> None:
-        self.z, self.sizes = z, sizes
-        self._by_dtype: dict[torch.dtype, tuple[torch.Tensor, ...]] = {z.dtype: z.split(sizes)}
-
-    def get(self, i: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        dtype = dtype or self.z.dtype
-        parts = self._by_dtype.get(dtype)
-        if parts is None:
-            parts = self._by_dtype[dtype] = self.z.to(dtype).split(self.sizes)
-        return parts[i]
-
-    def __len__(self) -> int:
-        return len(self.sizes)
-
-
 class Batched:
-    """Parameters of several gated linears (their biases, or their LoRA factors) as one forward uses them: on
-    the first request for a dtype, all of them in one chain of ops: concatenated, gathered (``gather``: the kept
-    units of a compacted model, in the concatenation) and cast once. Where there is nothing to do (no gather,
-    their own dtype), each is returned as it is, with no op. On a GPU a step of a small model is bound by the
-    ops it launches: under autocast this replaces a cast per tensor, and compacted an index per tensor."""
+    """Tensors that one forward uses, as one batch: a slice (a view) per item, made in one chain of ops for all
+    of them and cast to a dtype once for all of them, on the first request for that dtype.
+
+    Two sources. ``Batched(tensors, shapes, gather)``: parameters of several gated linears (their biases, or
+    their LoRA factors), concatenated on the first request that needs it, gathered (``gather``: the kept units
+    of a compacted model, in the concatenation) and cast; where there is nothing to do (no gather, an item's own
+    dtype) the item is returned as it is, with no op. :meth:`of_flat`: values already computed as one tensor
+    (every gate's value, :func:`gate_values`). On a GPU a step of a small model is bound by the ops it launches:
+    under autocast this replaces a cast per tensor, and compacted an index per tensor."""
 
     def __init__(self, tensors: Sequence[torch.Tensor], shapes: Sequence[tuple[int, ...]],
                  gather: torch.Tensor | None = None) -> None:
         self.tensors, self.shapes, self.gather = list(tensors), [tuple(s) for s in shapes], gather
+        self.flat: torch.Tensor | None = None  # every item, concatenated (and gathered), once made
         self._by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
 
-    def get(self, i: int, dtype: torch.dtype) -> torch.Tensor:
-        t = self.tensors[i]
-        if self.gather is None and t.dtype == dtype:
-            return t
+    @classmethod
+    def of_flat(cls, flat: torch.Tensor, sizes: Sequence[int]) -> "Batched":
+        """Items already concatenated in ``flat`` (1-d), of these sizes."""
+        b = cls([], [(n,) for n in sizes])
+        b.flat = flat
+        b._by_dtype[flat.dtype] = list(flat.split(list(sizes)))
+        return b
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def get(self, i: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Item ``i`` in ``dtype`` (default: its own)."""
+        if self.tensors:
+            t = self.tensors[i]
+            dtype = dtype or t.dtype
+            if self.gather is None and t.dtype == dtype:
+                return t
+            if self.flat is None:
+                ts = self.tensors
+                if any(x.device != ts[0].device for x in ts):  # a model spread over devices: one by one (no gather
+                    return t.to(dtype)                          # then: gated_model.compact refuses such a model)
+                same = all(x.dtype == ts[0].dtype for x in ts)
+                flat = torch.cat([x.reshape(-1) if same else x.reshape(-1).to(dtype) for x in ts])
+                self.flat = flat if self.gather is None else flat[self.gather]
+        dtype = dtype or self.flat.dtype
         parts = self._by_dtype.get(dtype)
         if parts is None:
-            ts = self.tensors
-            if any(x.device != ts[0].device for x in ts):  # a model spread over devices: one by one (no gather then:
-                return t.to(dtype)                          # gated_model.compact refuses such a model)
-            same = all(x.dtype == ts[0].dtype for x in ts)
-            flat = torch.cat([x.reshape(-1) if same else x.reshape(-1).to(dtype) for x in ts])
-            if self.gather is not None:
-                flat = flat[self.gather]
-            flat = flat.to(dtype)
-            parts = self._by_dtype[dtype] = [p.view(shape) for p, shape in
-                                             zip(flat.split([math.prod(s) for s in self.shapes]), self.shapes)]
+            parts = self._by_dtype[dtype] = [p.view(shape) for p, shape in zip(
+                self.flat.to(dtype).split([math.prod(s) for s in self.shapes]), self.shapes)]
         return parts[i]
 
 
@@ -209,14 +209,14 @@ def compact_gather(gates: Sequence[Gate]) -> torch.Tensor | None:
     return torch.cat(parts)
 
 
-def gate_values(gates: Sequence[Gate], gather: torch.Tensor | None = None) -> GateValues:
+def gate_values(gates: Sequence[Gate], gather: torch.Tensor | None = None) -> Batched:
     """What each gate's :meth:`Gate.forward` returns, computed in one chain of ops over all the gates (one
     noise draw for all of them while training). Gates that differ in mode, noise, sigma or device are
     evaluated one by one (and concatenated). Compacted gates are gathered in one op (``gather``: their
     :func:`compact_gather`, made here when not given)."""
     sizes = [g.width for g in gates]
     if not gates or not _uniform(gates):
-        return GateValues(torch.cat([g() for g in gates]) if gates else torch.zeros(0), sizes)
+        return Batched.of_flat(torch.cat([g() for g in gates]) if gates else torch.zeros(0), sizes)
     g0 = gates[0]
     mu = torch.tanh(torch.cat([g.theta for g in gates]))
     if g0.training:
@@ -227,7 +227,7 @@ def gate_values(gates: Sequence[Gate], gather: torch.Tensor | None = None) -> Ga
                                      for g in gates]), 0.0)
     if gather is None:
         gather = compact_gather(gates)
-    return GateValues(z if gather is None else z[gather], sizes)
+    return Batched.of_flat(z if gather is None else z[gather], sizes)
 
 
 def p_open_all(gates: Sequence[Gate]) -> list[torch.Tensor]:

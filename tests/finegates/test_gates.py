@@ -344,20 +344,20 @@ def test_batched_gate_values_follow_the_law_of_the_one_by_one_values():
         assert torch.equal(values.get(i), g())
     m.train()
     torch.manual_seed(3)
-    batched = gate_values(gates).z
+    batched = gate_values(gates).flat
     torch.manual_seed(3)
     mu = torch.tanh(torch.cat([g.theta for g in gates]))
     expect = torch.clamp(mu + 0.5 + 0.1 * torch.randn_like(mu), 0, 1)
     expect[: gates[0].theta.numel()].masked_fill_(gates[0].pinned_closed, 0.0)
     assert torch.allclose(batched, expect, atol=1e-6)
-    assert not torch.equal(batched, gate_values(gates).z)  # a fresh draw per evaluation
+    assert not torch.equal(batched, gate_values(gates).flat)  # a fresh draw per evaluation
     for g, p in zip(gates, p_open_all(gates)):
         assert torch.allclose(p, g.p_open(), atol=1e-7)
     values = gate_values(gates)  # one cast for all gates, made when a first gate asks for the dtype
     halves = [values.get(i, torch.bfloat16) for i in range(len(values))]
     assert [z.dtype for z in halves] == [torch.bfloat16] * len(gates)
     assert len({z.untyped_storage().data_ptr() for z in halves}) == 1
-    assert torch.equal(torch.cat(halves), values.z.to(torch.bfloat16))
+    assert torch.equal(torch.cat(halves), values.flat.to(torch.bfloat16))
 
 
 def test_compacted_gates_return_their_kept_units_batched_or_one_by_one():
@@ -373,7 +373,7 @@ def test_compacted_gates_return_their_kept_units_batched_or_one_by_one():
     gates[0].index = torch.tensor([3, 0, 5])
     gates[2].index = torch.tensor([1])
     values = gate_values(gates)
-    assert len(values.z) == sum(g.width for g in gates) == sum(len(z) for z in full) - (gates[0].theta.numel() - 3) \
+    assert len(values.flat) == sum(g.width for g in gates) == sum(len(z) for z in full) - (gates[0].theta.numel() - 3) \
         - (gates[2].theta.numel() - 1)
     for i, g in enumerate(gates):
         expect = full[i] if g.index is None else full[i][g.index]
