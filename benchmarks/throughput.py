@@ -7,6 +7,7 @@ Methods run in interleaved rounds; we report the median and the min-max over rou
     python benchmarks/throughput.py --threads 2 --batch 16 --steps 8 --rounds 1 --profile   # where the time goes
     python benchmarks/throughput.py --count-ops      # ATen ops one train step dispatches, per phase (exact)
     python benchmarks/throughput.py --count-ops --autocast bf16   # the same under autocast, as a GPU step runs
+    python benchmarks/throughput.py --compile --only "gates only"   # every model under torch.compile
 
 A GPU step of this small model is bound by how many ops it launches more than by FLOPs, so ``--count-ops``
 counts, for one train step of each variant, the ATen ops that do work (view-like ops, which launch no
@@ -95,6 +96,8 @@ def main() -> None:
     p.add_argument("--autocast", choices=("none", "bf16"), default="none",
                    help="on the CPU: train under CPU bf16 autocast (with --count-ops: "
                    "the casts a GPU step makes; a GPU always trains under autocast)")
+    p.add_argument("--compile", action="store_true", help="wrap every model in torch.compile (default backend); "
+                   "the warm-up round compiles, for each batch shape, and its time is printed apart")
     p.add_argument("--only", default=None, metavar="TEXT", help="only the variants whose name contains TEXT "
                    "(peft LoRA, the reference, always runs)")
     a = p.parse_args()
@@ -102,6 +105,8 @@ def main() -> None:
         p.error(f"--device: {a.device!r} is not valid; accepted: cpu, cuda")
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available here; accepted: cpu")
+    if a.compile and a.count_ops:
+        p.error("--compile with --count-ops: not valid; accepted: one of them (ops are counted in eager mode)")
     device = torch.device(a.device)
     cuda = device.type == "cuda"
     half_name, half = gpu_half_precision(torch.cuda.is_bf16_supported()) if cuda else (None, None)
@@ -126,7 +131,8 @@ def main() -> None:
         if recovery is not None:
             put_in_recovery(model, method, recovery)
         opt = torch.optim.AdamW(method.param_groups(model, cfg))
-        setups[name] = (model.train(), method, opt, count_parameters(model)[1])
+        setups[name] = (model.train() if not a.compile else torch.compile(model.train()), method, opt,
+                        count_parameters(model)[1])
     rates: dict[str, list[float]] = {n: [] for n in setups}
     amp = torch.autocast("cuda", dtype=half) if cuda else contextlib.nullcontext()
     if a.autocast == "bf16" and not cuda:
@@ -147,7 +153,8 @@ def main() -> None:
             print(f"| {name} | {n[0]} | {n[1]} | {n[2]} | {sum(n[:3])} | {n[3]} |")
         return
 
-    for rnd in range(a.rounds + 1):  # round 0 warms up (kernels, allocator) and is not counted
+    warmup_s = {}
+    for rnd in range(a.rounds + 1):  # round 0 warms up (kernels, allocator; with --compile, compiles) uncounted
         for name, (model, method, opt, _) in setups.items():
             if cuda:
                 torch.cuda.synchronize()
@@ -155,17 +162,22 @@ def main() -> None:
             one_round(model, method, opt)
             if rnd:
                 rates[name].append(a.batch * len(batches) / (time.perf_counter() - t0))
+            else:
+                warmup_s[name] = time.perf_counter() - t0
     lora = rates[LORA]
     where = (f"{torch.cuda.get_device_name(device)}, {half_name} autocast" if cuda
              else f"CPU {a.threads} threads")
     print(f"SST-2, MiniLM, {where}, torch {torch.__version__}, batch {a.batch} x {a.max_length} tokens, "
-          f"{len(batches)} steps/round, median (min-max) of {a.rounds} interleaved rounds after one warm-up round")
+          f"{len(batches)} steps/round, median (min-max) of {a.rounds} interleaved rounds after one warm-up round"
+          + (", every model under torch.compile" if a.compile else ""))
     print("| method | trainable params | samples/s | vs LoRA (per-round ratios) |")
     print("|---|---:|---:|---:|")
     for name, r in rates.items():
         ratios = [x / y for x, y in zip(r, lora)]
         print(f"| {name} | {setups[name][3]:,} | {statistics.median(r):.1f} ({min(r):.1f}-{max(r):.1f}) | "
               f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) |")
+    if a.compile:
+        print("\nWarm-up round (compiles once per batch shape): " + ", ".join(f"{n} {s:.0f} s" for n, s in warmup_s.items()))
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
 
