@@ -34,8 +34,10 @@ if [ "${1:-}" = "--prepare" ]; then  # run here (CPU machine): fill the carry di
 fi
 # --smoke: the same steps on this CPU machine at tiny sizes (about 2 minutes), to check the script before a GPU call
 DEV=cuda; EXPORT_ARGS=(); STEP_ARGS=(--batch 32 --steps 30 --rounds 5); FRONTIER_ARGS=(--protocol gpu)
+COMPILE_STEP_ARGS=(--batch 32 --steps 10 --rounds 3)
 if [ "${1:-}" = "--smoke" ]; then
     shift; DEV=cpu; EXPORT_ARGS=(--smoke-test); STEP_ARGS=(--batch 4 --steps 2 --rounds 1); FRONTIER_ARGS=(--smoke-test)
+    COMPILE_STEP_ARGS=(--batch 4 --steps 1 --rounds 1 --max-length 16)
     FRONTIER_JOBS=${FRONTIER_JOBS:-2}
 fi
 C=$(realpath "${1:?carry dir}"); OUT=$(realpath "${2:?out dir}"); DEADLINE=${3:-560}
@@ -61,6 +63,12 @@ echo "export speedup: $((SECONDS - t0)) s"; t0=$SECONDS
 timeout 150 python3 benchmarks/throughput.py --device $DEV --model "$MODEL" "${STEP_ARGS[@]}" \
     2>&1 | tee "$OUT/throughput_gpu.txt"
 echo "train step: $((SECONDS - t0)) s"; t0=$SECONDS
+# the same step under torch.compile, FineGates-LoRA and LoRA (session 12:
+# on the CPU it gains nothing; on a GPU, where the step is bound by the ops it launches, fusing the gates'
+# element-wise ops is what it could win); appended to the same file (the device tool returns 8 files at most)
+timeout 180 python3 benchmarks/throughput.py --device $DEV --model "$MODEL" "${COMPILE_STEP_ARGS[@]}" --compile \
+    --only "finegates-lora (coupled, r=8)" 2>&1 | tee -a "$OUT/throughput_gpu.txt"
+echo "train step, compiled: $((SECONDS - t0)) s"; t0=$SECONDS
 rm -rf /tmp/finegates-teachers /tmp/frontier-preds
 FT=$((DEADLINE - SECONDS)); echo "frontier: $FT s left"
 timeout "$FT" python3 benchmarks/compression_frontier.py "${FRONTIER_ARGS[@]}" --model "$MODEL" --data-dir "$C/glue" \

@@ -98,8 +98,8 @@ def main() -> None:
                    "the casts a GPU step makes; a GPU always trains under autocast)")
     p.add_argument("--compile", action="store_true", help="wrap every model in torch.compile (default backend); "
                    "the warm-up round compiles, for each batch shape, and its time is printed apart")
-    p.add_argument("--only", default=None, metavar="TEXT", help="only the variants whose name contains TEXT "
-                   "(peft LoRA, the reference, always runs)")
+    p.add_argument("--only", action="append", default=None, metavar="TEXT", help="only the variant named TEXT, or "
+                   "else those whose name contains TEXT; repeatable (peft LoRA, the reference, always runs)")
     a = p.parse_args()
     if a.device not in ("cpu", "cuda"):
         p.error(f"--device: {a.device!r} is not valid; accepted: cpu, cuda")
@@ -118,9 +118,12 @@ def main() -> None:
     batches = [{k: v.to(device) for k, v in b.items()}
                for b in DataLoader(data.train, batch_size=a.batch, collate_fn=_collator(tok))]
     setups = {}
-    if a.only is not None and not any(a.only in n for n in VARIANTS):
-        p.error(f"--only {a.only!r} names no variant; accepted: a part of one of {', '.join(VARIANTS)}")
-    variants = {n: kw for n, kw in VARIANTS.items() if a.only is None or a.only in n or n == LORA}
+    for text in a.only or []:
+        if not any(text in n for n in VARIANTS):
+            p.error(f"--only {text!r} names no variant; accepted: a part of one of {', '.join(VARIANTS)}")
+    # a whole variant name selects that variant alone; any other text, every variant whose name contains it
+    variants = {n: kw for n, kw in VARIANTS.items()
+                if not a.only or n == LORA or any(n == t if t in VARIANTS else t in n for t in a.only)}
     for name, kw in variants.items():
         kw = dict(kw)
         recovery = kw.pop("recovery", None)
@@ -164,6 +167,8 @@ def main() -> None:
                 rates[name].append(a.batch * len(batches) / (time.perf_counter() - t0))
             else:
                 warmup_s[name] = time.perf_counter() - t0
+                if a.compile:  # as it goes: a run stopped by a time limit still says how long compiling took
+                    print(f"warm-up round (compiling): {name} {warmup_s[name]:.0f} s", flush=True)
     lora = rates[LORA]
     where = (f"{torch.cuda.get_device_name(device)}, {half_name} autocast" if cuda
              else f"CPU {a.threads} threads")
@@ -176,8 +181,6 @@ def main() -> None:
         ratios = [x / y for x, y in zip(r, lora)]
         print(f"| {name} | {setups[name][3]:,} | {statistics.median(r):.1f} ({min(r):.1f}-{max(r):.1f}) | "
               f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) |")
-    if a.compile:
-        print("\nWarm-up round (compiles once per batch shape): " + ", ".join(f"{n} {s:.0f} s" for n, s in warmup_s.items()))
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
 
