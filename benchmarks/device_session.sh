@@ -63,9 +63,9 @@ echo "export speedup: $((SECONDS - t0)) s"; t0=$SECONDS
 timeout 150 python3 benchmarks/throughput.py --device $DEV --model "$MODEL" "${STEP_ARGS[@]}" \
     2>&1 | tee "$OUT/throughput_gpu.txt"
 echo "train step: $((SECONDS - t0)) s"; t0=$SECONDS
-# the same step under torch.compile, FineGates-LoRA and LoRA (session 12:
-# on the CPU it gains nothing; on a GPU, where the step is bound by the ops it launches, fusing the gates'
-# element-wise ops is what it could win); appended to the same file (the device tool returns 8 files at most)
+# the same step under torch.compile, FineGates-LoRA and LoRA (session 12: on the CPU it gains nothing; on a GPU,
+# where the step is bound by the ops it launches, fusing the gates' element-wise ops is what it could win);
+# appended to the same file (the device tool returns 8 files at most)
 timeout 180 python3 benchmarks/throughput.py --device $DEV --model "$MODEL" "${COMPILE_STEP_ARGS[@]}" --compile \
     --only "finegates-lora (coupled, r=8)" 2>&1 | tee -a "$OUT/throughput_gpu.txt"
 echo "train step, compiled: $((SECONDS - t0)) s"; t0=$SECONDS
