@@ -156,7 +156,6 @@ def main() -> None:
             print(f"| {name} | {n[0]} | {n[1]} | {n[2]} | {sum(n[:3])} | {n[3]} |")
         return
 
-    warmup_s = {}
     for rnd in range(a.rounds + 1):  # round 0 warms up (kernels, allocator; with --compile, compiles) uncounted
         for name, (model, method, opt, _) in setups.items():
             if cuda:
@@ -165,10 +164,8 @@ def main() -> None:
             one_round(model, method, opt)
             if rnd:
                 rates[name].append(a.batch * len(batches) / (time.perf_counter() - t0))
-            else:
-                warmup_s[name] = time.perf_counter() - t0
-                if a.compile:  # as it goes: a run stopped by a time limit still says how long compiling took
-                    print(f"warm-up round (compiling): {name} {warmup_s[name]:.0f} s", flush=True)
+            elif a.compile:  # as it goes: a run stopped by a time limit still says how long compiling took
+                print(f"warm-up round (compiling): {name} {time.perf_counter() - t0:.0f} s", flush=True)
     lora = rates[LORA]
     where = (f"{torch.cuda.get_device_name(device)}, {half_name} autocast" if cuda
              else f"CPU {a.threads} threads")
