@@ -61,6 +61,12 @@ CONFIGS: dict[str, list[str]] = {
     # -kdfull: distilled from the task's cached full-finetuning teacher instead (lr 5e-5; the `full` row's training)
     "fg-0-kdfull": ["--target-sparsity", "0", "--teacher", "full"],
     "fgl-40-kdfull": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "full", "--lr", "1e-3"],
+    # -kdinit: the student starts from its LoRA teacher's finetuned weights (--teacher-init), not the pretrained ones
+    "fg-40-kdinit": ["--target-sparsity", "0.4", "--teacher", "lora", "--teacher-init"],
+    "fgl-40-kdinit": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "lora", "--lr", "1e-3",
+                      "--teacher-init"],
+    "fgl-60-kdinit": ["--method", "finegates-lora", "--target-sparsity", "0.6", "--teacher", "lora", "--lr", "1e-3",
+                      "--teacher-init"],
     # -atpin: what the gates have not closed by the pin closes at the pin, all at once (before session 9)
     "fg-40-kd-atpin": ["--target-sparsity", "0.4", "--teacher", "lora", "--close-schedule", "at-pin"],
     "fgl-40-kd-atpin": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "lora", "--lr", "1e-3",

@@ -56,7 +56,7 @@ def cache_root(cfg: "TrainConfig") -> Path:
 def teacher_config(cfg: "TrainConfig") -> "TrainConfig":
     """The teacher's own training run: the student's task, model, data and schedule, dense method."""
     # seeded by the data seed: a student re-run with another training seed (tune.run --seeds) keeps its teacher
-    return replace(cfg, method=cfg.teacher, teacher="none", rank=TEACHER_RANK[cfg.teacher],
+    return replace(cfg, method=cfg.teacher, teacher="none", teacher_init=False, rank=TEACHER_RANK[cfg.teacher],
                    seed=cfg.subset_seed, data_seed=None,
                    lr=cfg.teacher_lr or TEACHER_LR[cfg.teacher], head_lr=None, lora_alpha=None, output_dir=None,
                    extra={},

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from finegates.arch import family_of_model_dir, get_family
+from finegates.arch import FAMILIES, family_of_model_dir, get_family
 from finegates.config import ConfigError, TrainConfig
 from finegates.export import build_compressed, save_compressed
 from finegates.gated_model import count_parameters
@@ -206,8 +206,11 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool 
 
     # ---- data and model
     tokenizer, model = load_base(model_path, task.num_labels, task.label_names)
-    get_family(model)  # a hub model of an unsupported family stops here, before any training
+    family = get_family(model)  # a hub model of an unsupported family stops here, before any training
     method.check(model, cfg)  # and so do method options that do not fit it
+    if cfg.teacher_init and method.prunes and not family.loads_exported:
+        raise ConfigError(f"--teacher-init is not supported for {model.config.model_type} models; accepted: "
+                          f"{', '.join(t for f in FAMILIES.values() if f.loads_exported for t in f.model_types)}")
     data = load_task_data(task, tokenizer, data_dir=cfg.data_dir, max_train=cfg.max_train, max_eval=cfg.max_eval,
                           seed=cfg.subset_seed, max_length=cfg.max_length, eval_part=cfg.eval_part,
                           report_frac=cfg.report_frac)
@@ -219,6 +222,10 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool 
 
         teacher = get_teacher(cfg, model_path, data.train, collate)
         data.train = [r | {"teacher_logits": t} for r, t in zip(data.train, teacher.train_logits)]
+        if cfg.teacher_init:  # prune the finetuned teacher, not the pretrained model
+            from finegates.export import load_compressed
+
+            family.load_exported(model, load_compressed(teacher.path / "model"))
         t_start = time.perf_counter()
     seed_everything(cfg.seed)  # training draws do not depend on whether (or how) a teacher was obtained
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -408,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "at-pin (all of it at the pin)")
     p.add_argument("--teacher", default=d.teacher, help="distil from a dense teacher finetuned on the same data: "
                    "none, lora, full (trained once, cached in --teacher-cache)")
+    p.add_argument("--teacher-init", action="store_true", help="start the student from the teacher's finetuned "
+                   "weights instead of the pretrained model (gates and LoRA are added on top; needs --teacher)")
     p.add_argument("--distill-alpha", type=float, default=d.distill_alpha, help="weight of the distillation loss")
     p.add_argument("--distill-temperature", type=float, default=d.distill_temperature)
     p.add_argument("--head-lr", type=float, default=None,

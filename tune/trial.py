@@ -39,6 +39,7 @@ def trial_config(config: dict[str, Any], fixed: dict[str, Any], output_dir: str)
 
     if not get_method(kw.get("method", "finegates")).prunes:
         kw["teacher"] = "none"  # distillation is part of compressing; the dense baselines train as published
+        kw["teacher_init"] = False
     return TrainConfig(**kw, extra=extra)
 
 

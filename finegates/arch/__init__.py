@@ -105,6 +105,14 @@ class Family:
     def build_compressed(self, model: nn.Module, align: int, same_head_dim: bool) -> tuple[nn.Module, "ExportStats"]:
         raise NotImplementedError
 
+    #: whether :meth:`load_exported` is implemented (a student can start from its dense teacher's weights)
+    loads_exported: ClassVar[bool] = False
+
+    def load_exported(self, model: nn.Module, exported: nn.Module) -> None:
+        """Copy the weights of ``exported``, a compressed checkpoint that removed nothing (a dense teacher's
+        export), into ``model``, the plain Hugging Face model of the same shape (``--teacher-init``)."""
+        raise NotImplementedError
+
     def compressed_classes(self) -> tuple[type, type]:
         """(config class, model class) of the compressed modeling file."""
         raise NotImplementedError

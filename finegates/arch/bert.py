@@ -204,6 +204,43 @@ class Bert(Family):
         out.eval()
         return out, ExportStats(before, after, sum(p.numel() for p in out.parameters()), minimal)
 
+    loads_exported = True
+
+    @torch.no_grad()
+    def load_exported(self, model: nn.Module, exported: nn.Module) -> None:
+        """The inverse of :meth:`build_compressed` for an export that removed nothing: every tensor of the
+        compressed model is copied to its place in the HF model (same arch, same widths, heads in order).
+        An export that removed units does not fit, and is refused naming the first tensor that differs."""
+        _, compressed_cls = self.compressed_classes()
+        if not isinstance(exported, compressed_cls):
+            raise ValueError(f"expected an exported {compressed_cls.__name__}, got {type(exported).__name__}")
+        emb, x_emb = model.base_model.embeddings, exported.embeddings
+        pairs = [(f"embeddings.{n}", getattr(emb, n), getattr(x_emb, n))
+                 for n in ("word_embeddings", "position_embeddings", "token_type_embeddings", "LayerNorm")]
+        hf_layers = self.layers(model)
+        if len(hf_layers) != len(exported.layers):
+            raise ValueError(f"the exported model has {len(exported.layers)} layers, the model {len(hf_layers)}")
+        for i, (hf, x) in enumerate(zip(hf_layers, exported.layers)):
+            mods = self.layer_modules(hf)
+            for slot, src in zip(self.slots, (x.query, x.key, x.value, x.attn_out, x.up, x.down)):
+                parent, attr = mods[slot]
+                pairs.append((f"layers.{i}.{slot}", getattr(parent, attr), src))
+            pairs += [(f"layers.{i}.attn_norm", hf.attention.output.LayerNorm, x.attn_norm),
+                      (f"layers.{i}.ffn_norm", hf.output.LayerNorm, x.ffn_norm)]
+        arch, hd_w, hd_b, out_w, out_b = _head_of(model, compressed_cls)
+        if arch != exported.config.arch:
+            raise ValueError(f"the exported model's head is {exported.config.arch!r}, the model's {arch!r}")
+        copies = [(f"{name}.{k}", dst_p, getattr(src, k)) for name, dst, src in pairs
+                  for k, dst_p in dst.named_parameters(recurse=False)]
+        copies += [("head_dense.weight", hd_w, exported.head_dense.weight), ("head_dense.bias", hd_b, exported.head_dense.bias),
+                   ("head_out.weight", out_w, exported.head_out.weight), ("head_out.bias", out_b, exported.head_out.bias)]
+        for name, dst_t, src_t in copies:  # check every shape before the first copy: all or nothing
+            if dst_t.shape != src_t.shape:
+                raise ValueError(f"{name} is {tuple(src_t.shape)} in the exported model and {tuple(dst_t.shape)} in "
+                                 "the model: only an export that removed nothing can be loaded back")
+        for _, dst_t, src_t in copies:
+            dst_t.copy_(src_t.to(dst_t.dtype))
+
     def layer_weights(self, layer: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Eval-mode (weight, bias) of the six target linears of one layer, gates folded in."""
         return {slot: folded(getattr(parent, attr)) for slot, (parent, attr) in self.layer_modules(layer).items()}

@@ -63,6 +63,35 @@ def test_export_reproduces_gated_logits(name, layout):
         assert stats.sparsity <= stats.sparsity_minimal + 1e-12
 
 
+@pytest.mark.parametrize("name", ["bert", "roberta"])
+def test_a_dense_export_loads_back_into_the_hf_model(name):
+    """--teacher-init: the teacher's export, copied into a fresh pretrained-shape model, is the teacher."""
+    torch.manual_seed(3)
+    teacher = TINY[name]().eval()
+    exported, stats = build_compressed(teacher)
+    assert stats.sparsity == 0
+    torch.manual_seed(4)
+    student = TINY[name]().eval()  # other weights
+    x = inputs(student.config.pad_token_id, "right")
+    assert (student(**x).logits - teacher(**x).logits).abs().max().item() > 1e-2
+    get_family(student).load_exported(student, exported)
+    assert (student(**x).logits - teacher(**x).logits).abs().max().item() <= 1e-5
+
+
+def test_a_pruned_export_is_refused_and_nothing_is_copied():
+    exported, _ = build_compressed(tiny("bert", 5))  # half the units closed
+    torch.manual_seed(6)
+    student = TINY["bert"]()
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    with pytest.raises(ValueError, match="only an export that removed nothing"):
+        get_family(student).load_exported(student, exported)
+    assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
+
+
+def test_families_that_cannot_load_an_export_say_so():
+    assert get_family("bert").loads_exported and not get_family("llama").loads_exported
+
+
 @pytest.mark.parametrize("name", ["llama-gqa", "llama-mqa"])
 def test_llama_whole_kv_groups_heads_and_ffn_can_go(name):
     m = tiny(name, 3, closed_frac=0.0)
