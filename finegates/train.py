@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from finegates.arch import FAMILIES, family_of_model_dir, get_family
+from finegates.arch import family_of_model_dir, get_family
 from finegates.config import ConfigError, TrainConfig
 from finegates.export import build_compressed, save_compressed
 from finegates.gated_model import count_parameters
@@ -208,9 +208,6 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool 
     tokenizer, model = load_base(model_path, task.num_labels, task.label_names)
     family = get_family(model)  # a hub model of an unsupported family stops here, before any training
     method.check(model, cfg)  # and so do method options that do not fit it
-    if cfg.teacher_init and method.prunes and not family.loads_exported:
-        raise ConfigError(f"--teacher-init is not supported for {model.config.model_type} models; accepted: "
-                          f"{', '.join(t for f in FAMILIES.values() if f.loads_exported for t in f.model_types)}")
     data = load_task_data(task, tokenizer, data_dir=cfg.data_dir, max_train=cfg.max_train, max_eval=cfg.max_eval,
                           seed=cfg.subset_seed, max_length=cfg.max_length, eval_part=cfg.eval_part,
                           report_frac=cfg.report_frac)

@@ -105,9 +105,6 @@ class Family:
     def build_compressed(self, model: nn.Module, align: int, same_head_dim: bool) -> tuple[nn.Module, "ExportStats"]:
         raise NotImplementedError
 
-    #: whether :meth:`load_exported` is implemented (a student can start from its dense teacher's weights)
-    loads_exported: ClassVar[bool] = False
-
     def load_exported(self, model: nn.Module, exported: nn.Module) -> None:
         """Copy the weights of ``exported``, a compressed checkpoint that removed nothing (a dense teacher's
         export), into ``model``, the plain Hugging Face model of the same shape (``--teacher-init``)."""
@@ -116,6 +113,18 @@ class Family:
     def compressed_classes(self) -> tuple[type, type]:
         """(config class, model class) of the compressed modeling file."""
         raise NotImplementedError
+
+
+@torch.no_grad()
+def copy_checked(copies: list[tuple[str, torch.Tensor, torch.Tensor]]) -> None:
+    """``(name, destination, source)`` copies for :meth:`Family.load_exported`: every shape is checked before the
+    first copy, so a mismatch changes nothing. The error names the first tensor that differs."""
+    for name, dst, src in copies:
+        if dst.shape != src.shape:
+            raise ValueError(f"{name} is {tuple(src.shape)} in the exported model and {tuple(dst.shape)} in the "
+                             "model: only an export that removed nothing can be loaded back")
+    for _, dst, src in copies:
+        dst.copy_(src.to(dst.dtype))
 
 
 FAMILIES: dict[str, Family] = {}  # family name -> family

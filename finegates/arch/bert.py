@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from finegates.arch import Family, KeepFn, register
+from finegates.arch import Family, KeepFn, copy_checked, register
 from finegates.pruning import (NO_CAP, ExportStats, aligned_width, check_activation, folded, gather_cols,
                                gather_rows, nonzero_rows)
 
@@ -204,8 +204,6 @@ class Bert(Family):
         out.eval()
         return out, ExportStats(before, after, sum(p.numel() for p in out.parameters()), minimal)
 
-    loads_exported = True
-
     @torch.no_grad()
     def load_exported(self, model: nn.Module, exported: nn.Module) -> None:
         """The inverse of :meth:`build_compressed` for an export that removed nothing: every tensor of the
@@ -234,12 +232,7 @@ class Bert(Family):
                   for k, dst_p in dst.named_parameters(recurse=False)]
         copies += [("head_dense.weight", hd_w, exported.head_dense.weight), ("head_dense.bias", hd_b, exported.head_dense.bias),
                    ("head_out.weight", out_w, exported.head_out.weight), ("head_out.bias", out_b, exported.head_out.bias)]
-        for name, dst_t, src_t in copies:  # check every shape before the first copy: all or nothing
-            if dst_t.shape != src_t.shape:
-                raise ValueError(f"{name} is {tuple(src_t.shape)} in the exported model and {tuple(dst_t.shape)} in "
-                                 "the model: only an export that removed nothing can be loaded back")
-        for _, dst_t, src_t in copies:
-            dst_t.copy_(src_t.to(dst_t.dtype))
+        copy_checked(copies)
 
     def layer_weights(self, layer: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Eval-mode (weight, bias) of the six target linears of one layer, gates folded in."""

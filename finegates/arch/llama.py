@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from finegates.arch import Family, KeepFn, register
+from finegates.arch import Family, KeepFn, copy_checked, register
 from finegates.pruning import ExportStats, aligned_width, check_activation, folded, gather_cols, gather_rows, nonzero_rows
 
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # rope types whose frequencies do not depend on the length
@@ -150,6 +150,36 @@ class Llama(Family):
         assert not missing and not unexpected, (missing, unexpected)
         out.eval()
         return out, ExportStats(before, after, sum(p.numel() for p in out.parameters()), minimal)
+
+    @torch.no_grad()
+    def load_exported(self, model: nn.Module, exported: nn.Module) -> None:
+        """The inverse of :meth:`build_compressed` for an export that removed nothing (every head, kv head and
+        rotary pair in its place); anything else is refused before the first copy."""
+        _, model_cls = self.compressed_classes()
+        if not isinstance(exported, model_cls):
+            raise ValueError(f"expected an exported {model_cls.__name__}, got {type(exported).__name__}")
+        base, layers = self.decoder(model), self.layers(model)
+        if len(layers) != len(exported.layers):
+            raise ValueError(f"the exported model has {len(exported.layers)} layers, the model {len(layers)}")
+        copies = [("embed_tokens.weight", base.embed_tokens.weight, exported.embed_tokens.weight),
+                  ("norm.weight", base.norm.weight, exported.norm.weight),
+                  ("score.weight", model.score.weight, exported.score.weight)]
+        for i, (hf, x) in enumerate(zip(layers, exported.layers)):
+            if x.kv_map != [hh * x.Hkv // x.H for hh in range(x.H)] or any(ps != list(range(len(ps))) for ps in x.rope_pairs):
+                raise ValueError(f"layers.{i} of the exported model has moved or removed heads or rotary pairs: only "
+                                 "an export that removed nothing can be loaded back")
+            mods = self.layer_modules(hf)
+            for slot in self.slots:
+                parent, attr = mods[slot]
+                dst, src = getattr(parent, attr), getattr(x, attr)
+                copies.append((f"layers.{i}.{attr}.weight", dst.weight, src.weight))
+                if dst.bias is not None or src.bias is not None:
+                    if dst.bias is None or src.bias is None:
+                        raise ValueError(f"layers.{i}.{attr}: a bias on one side only")
+                    copies.append((f"layers.{i}.{attr}.bias", dst.bias, src.bias))
+            copies += [(f"layers.{i}.attn_norm.weight", hf.input_layernorm.weight, x.attn_norm.weight),
+                       (f"layers.{i}.ffn_norm.weight", hf.post_attention_layernorm.weight, x.ffn_norm.weight)]
+        copy_checked(copies)
 
 
 def _prune_layer(w: dict[str, tuple[torch.Tensor, torch.Tensor]], H: int, Hkv: int, d: int, inter: int, align: int,
