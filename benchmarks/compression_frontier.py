@@ -62,6 +62,7 @@ CONFIGS: dict[str, list[str]] = {
     "fg-0-kdfull": ["--target-sparsity", "0", "--teacher", "full"],
     "fgl-40-kdfull": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "full", "--lr", "1e-3"],
     # -kdinit: the student starts from its LoRA teacher's finetuned weights (--teacher-init), not the pretrained ones
+    "fg-0-kdinit": ["--target-sparsity", "0", "--teacher", "lora", "--teacher-init"],
     "fg-40-kdinit": ["--target-sparsity", "0.4", "--teacher", "lora", "--teacher-init"],
     "fgl-40-kdinit": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "lora", "--lr", "1e-3",
                       "--teacher-init"],
@@ -78,6 +79,12 @@ CONFIGS: dict[str, list[str]] = {
                     "--option", 'lora_slots=["q","v"]'],
 }
 
+
+# Since session 13 a distilled student starts from its teacher (--teacher-init, the default): the configs that
+# do not say -kdinit start from the pretrained model, as they did when their rows were measured.
+for _flags in CONFIGS.values():
+    if "--teacher" in _flags and _flags[_flags.index("--teacher") + 1] != "none" and "--teacher-init" not in _flags:
+        _flags.append("--no-teacher-init")
 
 TEACHER_LABEL = {"lora": "LoRA r8, lr 1e-3", "full": "full finetuning, lr 5e-5"}
 

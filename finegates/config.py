@@ -64,9 +64,10 @@ class TrainConfig:
     distill_alpha: float = 0.5  # loss = (1 - alpha) task + alpha distillation
     distill_temperature: float = 2.0
     teacher_lr: float | None = None  # None: lora 1e-3, full 5e-5
-    # the student starts from the teacher's finetuned weights (its export, gates and LoRA added on top), not from
-    # the pretrained model: it prunes a model that already knows the task (docs/COMPRESSION.md)
-    teacher_init: bool = False
+    # a distilled student starts from its teacher's finetuned weights (its export; gates and LoRA go on top), not
+    # from the pretrained model: it prunes a model that already knows the task. No teacher: nothing to start from
+    # (docs/COMPRESSION.md, session 13)
+    teacher_init: bool = True
     teacher_cache: str | None = None  # None: $FINEGATES_TEACHER_CACHE or ~/.cache/finegates/teachers
     epochs: float = 3.0
     batch_size: int = 16
@@ -138,9 +139,6 @@ class TrainConfig:
             raise bad("teacher", self.teacher, ", ".join(TEACHERS))
         if not isinstance(self.teacher_init, bool):
             raise bad("teacher_init", self.teacher_init, "true or false")
-        if self.teacher_init and self.teacher == "none":
-            raise bad("teacher_init", self.teacher_init, "false when teacher='none' (it starts the student from the "
-                      "teacher's weights: --teacher lora or full)")
         if not finite(self.distill_temperature) or self.distill_temperature <= 0:
             raise bad("distill_temperature", self.distill_temperature, "a finite number > 0")
         if self.head_lr is not None and (not finite(self.head_lr) or self.head_lr <= 0):

@@ -412,8 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "at-pin (all of it at the pin)")
     p.add_argument("--teacher", default=d.teacher, help="distil from a dense teacher finetuned on the same data: "
                    "none, lora, full (trained once, cached in --teacher-cache)")
-    p.add_argument("--teacher-init", action="store_true", help="start the student from the teacher's finetuned "
-                   "weights instead of the pretrained model (gates and LoRA are added on top; needs --teacher)")
+    p.add_argument("--teacher-init", action=argparse.BooleanOptionalAction, default=None,
+                   help="start a distilled student from its teacher's finetuned weights (gates and LoRA go on top); "
+                   f"--no-teacher-init: from the pretrained model (default: {'on' if d.teacher_init else 'off'} "
+                   "when there is a teacher)")
     p.add_argument("--distill-alpha", type=float, default=d.distill_alpha, help="weight of the distillation loss")
     p.add_argument("--distill-temperature", type=float, default=d.distill_temperature)
     p.add_argument("--head-lr", type=float, default=None,
@@ -456,6 +458,12 @@ def main(argv: list[str] | None = None) -> int:
 
     kw = {k: v for k, v in vars(args).items()
           if k not in ("no_progress", "smoke_test", "history", "options", *SIZE_OPTIONS)}
+    if args.teacher_init is None:
+        del kw["teacher_init"]
+    elif args.teacher_init and args.teacher == "none":
+        print("error: --teacher-init needs a teacher, got --teacher none; accepted: --teacher lora or full",
+              file=sys.stderr)
+        return 2
     if args.smoke_test:
         kw.update(SMOKE_SIZES)
     try:

@@ -215,6 +215,8 @@ CASES = [
      ["--stop-margin -0.1 is out of range; accepted: a number in [0, 1)"], 2),
     ("run-stop-rungs-not-epochs", "tune.run", lambda f, t: SWEEP + ["--stop-rungs", "first"],
      ["--stop-rungs 'first' is invalid; accepted: 'all' or a comma list of epochs >= 1"], 2),
+    ("run-teacher-init-without-teacher", "tune.run", lambda f, t: SWEEP + ["--teacher", "none", "--teacher-init"],
+     ["--teacher-init needs a teacher, got --teacher none; accepted: --teacher lora or full"], 2),
     ("run-two-problems", "tune.run", lambda f, t: SWEEP + ["--data-dir", f.data["labels_shifted"], "--out", f.file],
      ["labels outside the task's range", "--out '"], 2),
     # --- tune.select
@@ -261,6 +263,9 @@ CASES = [
      ["--max-train 0 must be > 0; accepted: a positive integer or 'all'"], 2),
     ("train-max-eval-not-a-number", "finegates.train", lambda f, t: TRAIN + ["--max-eval", "1e3"],
      ["--max-eval '1e3' is not an integer; accepted: a positive integer or 'all'"], 2),
+    ("train-teacher-init-without-teacher", "finegates.train", lambda f, t: TRAIN + ["--teacher", "none",
+                                                                                    "--teacher-init"],
+     ["--teacher-init needs a teacher, got --teacher none; accepted: --teacher lora or full"], 2),
     ("train-two-problems", "finegates.train", lambda f, t: TRAIN + ["--data-dir", f.data["truncated"], "--model",
                                                                     f.model["distilbert"]],
      ["task 'rte': cannot read", "model type 'distilbert'"], 2),

@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--teacher", default=None, choices=["none", "lora", "full"], help="distil every trial from a dense teacher "
       "finetuned on the task's data, trained once per task (and node) and cached in <out>/teachers "
       "(default: finegates' default)")
+    a("--teacher-init", action=argparse.BooleanOptionalAction, default=None, help="start every distilled trial "
+      "from its task's teacher (--no-teacher-init: from the pretrained model; default: finegates' default)")
     a("--search-space", default=None, help='JSON overrides of search ranges, e.g. \'{"target_sparsity": [0.2, 0.6], '
       '"rank": {"choices": [0, 8]}}\' (log-uniform [low, high] or categorical choices)')
     a("--report-frac", type=float, default=0.5, help="fraction of each task's evaluation set held out as its report "
@@ -164,6 +166,8 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
                          "(0.5 = half of each evaluation set is held out for reporting)")
     if args.seeds < 1:
         raise UsageError(f"--seeds {args.seeds} is invalid; accepted: an integer >= 1 (1 = no re-runs)")
+    if args.teacher_init and args.teacher == "none":
+        raise UsageError("--teacher-init needs a teacher, got --teacher none; accepted: --teacher lora or full")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise UsageError(f"--max-concurrent {args.max_concurrent} must be >= 1")
     if args.gpus_per_trial < 0:
@@ -185,7 +189,7 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("max_train", "max_eval"):
         if getattr(args, name) is not None:
             sizes[name] = parse_count(getattr(args, name), "--" + name.replace("_", "-"))
-    for name in ("epochs", "max_length", "gate_lr", "head_lr", "teacher"):
+    for name in ("epochs", "max_length", "gate_lr", "head_lr", "teacher", "teacher_init"):
         if getattr(args, name) is not None:
             sizes[name] = getattr(args, name)
     train = dict(model=model, data_dir=str(data_dir) if data_dir else None, batch_size=args.batch_size,

@@ -121,17 +121,10 @@ def test_a_pin_far_below_the_target_is_recorded_and_warned(glue_dir, caplog):
     assert any("of the 50% target by the pin at step 2" in m for m in caplog.messages)
 
 
-def test_teacher_init_needs_a_teacher():
-    from finegates.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="teacher_init=True is invalid; accepted: false when teacher='none'"):
-        TrainConfig(teacher="none", teacher_init=True)
-
-
 @pytest.mark.slow
 def test_teacher_init_prunes_the_teachers_weights(glue_dir, tmp_path):
-    """--teacher-init: the student's frozen weights are the teacher's finetuned ones (LoRA merged into Q and V),
-    not the pretrained ones; without it they are the pretrained ones."""
+    """--teacher-init (the default): the student's frozen weights are the teacher's finetuned ones (LoRA merged
+    into Q and V); with --no-teacher-init they are the pretrained ones."""
     from finegates.export import load_compressed
 
     seen = {}
@@ -143,11 +136,11 @@ def test_teacher_init_prunes_the_teachers_weights(glue_dir, tmp_path):
 
     kw = dict(TINY, data_dir=str(glue_dir), method="finegates-lora", target_sparsity=0.3, teacher="lora",
               teacher_cache=str(tmp_path))
-    result = run(TrainConfig(**kw, teacher_init=True), on_epoch=frozen)
+    result = run(TrainConfig(**kw), on_epoch=frozen)  # the default
     teacher = load_compressed(result["teacher_path"] + "/model")
     assert torch.equal(seen["q"], teacher.layers[0].query.weight)  # the teacher's LoRA merged in
     assert torch.equal(seen["k"], teacher.layers[0].key.weight)
     assert result["sparsity"] > 0.2  # and it still prunes
-    run(TrainConfig(**kw), on_epoch=frozen)
+    run(TrainConfig(**kw, teacher_init=False), on_epoch=frozen)
     assert not torch.allclose(seen["q"], teacher.layers[0].query.weight)  # pretrained: LoRA's delta is missing
     assert torch.equal(seen["k"], teacher.layers[0].key.weight)  # K has no LoRA: pretrained = teacher
