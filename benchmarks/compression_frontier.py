@@ -64,6 +64,7 @@ CONFIGS: dict[str, list[str]] = {
     # -kdinit: the student starts from its LoRA teacher's finetuned weights (--teacher-init), not the pretrained ones
     "fg-0-kdinit": ["--target-sparsity", "0", "--teacher", "lora", "--teacher-init"],
     "fg-40-kdinit": ["--target-sparsity", "0.4", "--teacher", "lora", "--teacher-init"],
+    "fg-60-kdinit": ["--target-sparsity", "0.6", "--teacher", "lora", "--teacher-init"],
     "fgl-40-kdinit": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "lora", "--lr", "1e-3",
                       "--teacher-init"],
     "fgl-60-kdinit": ["--method", "finegates-lora", "--target-sparsity", "0.6", "--teacher", "lora", "--lr", "1e-3",
@@ -119,11 +120,11 @@ for _m in ("gift-sw", "sparta", "propulsion", "bitfit"):
 
 PROTOCOLS = {
     "gpu": dict(tasks="sst2,mrpc,rte,stsb,cola,qnli,mnli", max_train=10000, epochs=3, batch_size=32, max_length=128,
-                jobs=6, threads=2, configs="full,lora,fg-0-kd,fg-40-kd,fg-60-kd,fgl-40-kd"),
+                jobs=6, threads=2, configs="full,lora,fg-0-kdinit,fg-40-kdinit,fg-60-kdinit,fgl-40-kdinit"),
     "cpu": dict(tasks="sst2,mrpc,stsb,qnli", max_train=2000, epochs=3, batch_size=32, max_length=128,
-                jobs=2, threads=1, configs="lora,fg-0-kd,fg-40-kd,fgl-40-kd,fg-60-kd,full"),
+                jobs=2, threads=1, configs="lora,fg-0-kdinit,fg-40-kdinit,fgl-40-kdinit,fg-60-kdinit,full"),
     "smoke": dict(tasks="sst2,stsb", max_train=64, epochs=1, batch_size=16, max_length=48,
-                  jobs=2, threads=1, configs="lora,fg-0,fg-40-kd"),
+                  jobs=2, threads=1, configs="lora,fg-0,fg-40-kdinit"),
 }
 
 

@@ -41,11 +41,12 @@ if [ "${1:-}" = "--smoke" ]; then
     FRONTIER_JOBS=${FRONTIER_JOBS:-2}
 fi
 C=$(realpath "${1:?carry dir}"); OUT=$(realpath "${2:?out dir}"); DEADLINE=${3:-560}
-# for the next GPU: FineGates-LoRA with the gradual close schedule (session 9's default) beside the same with
-# all of the closing at the pin, the cheaper FineGates-LoRA (LoRA in the Q and V gates, session 7) and target 0
-# with LoRA inside the gates (issue 9's lambda-0 goal), against LoRA, on two seeds (runs go seed by seed, so
-# the first seed completes first)
-CONFIGS=${FRONTIER_CONFIGS:-lora,fgl-40-kd,fgl-40-kd-atpin,fglqv-40-kd,fgl-0-kd}
+# for the next GPU, in order of priority (runs go seed by seed and config by config, so the deadline cuts the
+# last ones): FineGates-LoRA at 40% started from its teacher (the default since session 13) and from the
+# pretrained model, at 60% from its teacher (the moonshot), gates only at target 0 from the teacher (the
+# lambda-0 goal at today's defaults), the cheaper FineGates-LoRA (LoRA in the Q and V gates, session 7), and
+# FineGates-LoRA with all of the closing at the pin (before session 9), against LoRA, on two seeds
+CONFIGS=${FRONTIER_CONFIGS:-lora,fgl-40-kdinit,fgl-40-kd,fgl-60-kdinit,fg-0-kdinit,fglqv-40-kd,fgl-40-kd-atpin}
 SEEDS=${FRONTIER_SEEDS:-1948,7}
 export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 FINEGATES_GLUE_DIR=$C/glue
 MODEL=/tmp/finegates-minilm
