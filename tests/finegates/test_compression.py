@@ -68,11 +68,12 @@ def test_teacher_is_trained_once_and_reused_and_alpha_0_equals_no_teacher(glue_d
     assert second["teacher_reused"] is True and second["teacher_path"] == str(tdir)
     assert (tdir / "train_logits.npy").stat().st_mtime_ns == stamp  # no second teacher training
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 1
-    # wiring: alpha 0 is exactly the plain run; alpha > 0 changes the training loss
+    # wiring: alpha 0 from the pretrained model is exactly the plain run; alpha > 0 changes the training loss
     plain = run(TrainConfig(**TINY, data_dir=str(glue_dir), target_sparsity=0.0, teacher="none"))
-    alpha0 = run(TrainConfig(**kw | {"distill_alpha": 0.0}))
+    alpha0 = run(TrainConfig(**kw | {"distill_alpha": 0.0, "teacher_init": False}))
     assert alpha0["history"][0]["train_loss"] == plain["history"][0]["train_loss"]
-    assert first["history"][0]["train_loss"] != plain["history"][0]["train_loss"]
+    kd = run(TrainConfig(**kw | {"teacher_init": False}))
+    assert kd["history"][0]["train_loss"] != plain["history"][0]["train_loss"]
     # another training subset is another teacher
     run(TrainConfig(**kw | {"seed": 7}))
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
