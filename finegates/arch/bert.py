@@ -230,7 +230,8 @@ class Bert(Family):
             raise ValueError(f"the exported model's head is {exported.config.arch!r}, the model's {arch!r}")
         copies = [(f"{name}.{k}", dst_p, getattr(src, k)) for name, dst, src in pairs
                   for k, dst_p in dst.named_parameters(recurse=False)]
-        copies += [("head_dense.weight", hd_w, exported.head_dense.weight), ("head_dense.bias", hd_b, exported.head_dense.bias),
+        copies += [("head_dense.weight", hd_w, exported.head_dense.weight),
+                   ("head_dense.bias", hd_b, exported.head_dense.bias),
                    ("head_out.weight", out_w, exported.head_out.weight), ("head_out.bias", out_b, exported.head_out.bias)]
         copy_checked(copies)
 

@@ -165,7 +165,9 @@ class Llama(Family):
                   ("norm.weight", base.norm.weight, exported.norm.weight),
                   ("score.weight", model.score.weight, exported.score.weight)]
         for i, (hf, x) in enumerate(zip(layers, exported.layers)):
-            if x.kv_map != [hh * x.Hkv // x.H for hh in range(x.H)] or any(ps != list(range(len(ps))) for ps in x.rope_pairs):
+            in_place = x.kv_map == [hh * x.Hkv // x.H for hh in range(x.H)] and all(
+                ps == list(range(len(ps))) for ps in x.rope_pairs)
+            if not in_place:
                 raise ValueError(f"layers.{i} of the exported model has moved or removed heads or rotary pairs: only "
                                  "an export that removed nothing can be loaded back")
             mods = self.layer_modules(hf)
