@@ -34,6 +34,14 @@ def parse_count(value: str | int | None, flag: str) -> int | None:
     return n
 
 
+def teacher_init_problem(teacher_init: bool | None, teacher: str | None) -> str | None:
+    """The one-line error of a command line that asks for ``--teacher-init`` with ``--teacher none`` (None: no
+    problem). TrainConfig itself ignores ``teacher_init`` without a teacher, since it is on by default."""
+    if teacher_init and teacher == "none":
+        return "--teacher-init needs a teacher, got --teacher none; accepted: --teacher lora or full"
+    return None
+
+
 @dataclass
 class TrainConfig:
     task: str = "sst2"

@@ -240,7 +240,7 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool 
     acc = Accelerator(cpu=not cuda, mixed_precision=precision)
     calibration = [collate(data.train[i:i + cfg.batch_size]) for i in range(0, min(len(data.train), 4 * cfg.batch_size),
                                                                             cfg.batch_size)]
-    head_modules = get_family(model).lora_modules_to_save(model)
+    head_modules = family.lora_modules_to_save(model)
     model = method.prepare(model, cfg, total_steps, calibration)
     _, params_trainable = count_parameters(model)
     groups = method.param_groups(model, cfg)
@@ -452,7 +452,7 @@ SIZE_OPTIONS = ("epochs", "max_length", "max_train", "max_eval", "latency_batch"
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from finegates.config import SMOKE_SIZES, parse_count
+    from finegates.config import SMOKE_SIZES, parse_count, teacher_init_problem
     from finegates.preflight import check_run
     from tasks import TaskError, get_task, resolve_data_dir
 
@@ -460,9 +460,8 @@ def main(argv: list[str] | None = None) -> int:
           if k not in ("no_progress", "smoke_test", "history", "options", *SIZE_OPTIONS)}
     if args.teacher_init is None:
         del kw["teacher_init"]
-    elif args.teacher_init and args.teacher == "none":
-        print("error: --teacher-init needs a teacher, got --teacher none; accepted: --teacher lora or full",
-              file=sys.stderr)
+    if problem := teacher_init_problem(args.teacher_init, args.teacher):
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     if args.smoke_test:
         kw.update(SMOKE_SIZES)

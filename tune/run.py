@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finegates.config import SMOKE_SIZES
+from finegates.config import SMOKE_SIZES, teacher_init_problem
 from finegates.methods import METHOD_NAMES
 from tune.errors import UsageError
 from tune.tracking import TAG_REGISTRY_SUFFIX
@@ -166,8 +166,8 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
                          "(0.5 = half of each evaluation set is held out for reporting)")
     if args.seeds < 1:
         raise UsageError(f"--seeds {args.seeds} is invalid; accepted: an integer >= 1 (1 = no re-runs)")
-    if args.teacher_init and args.teacher == "none":
-        raise UsageError("--teacher-init needs a teacher, got --teacher none; accepted: --teacher lora or full")
+    if problem := teacher_init_problem(args.teacher_init, args.teacher):
+        raise UsageError(problem)
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise UsageError(f"--max-concurrent {args.max_concurrent} must be >= 1")
     if args.gpus_per_trial < 0:
