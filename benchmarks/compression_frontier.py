@@ -7,9 +7,11 @@
 
 Every run is one ``python -m finegates.train`` process; ``--jobs`` of them run at once (on a GPU they share
 it). Each finished run is appended to the JSONL at once, so a stopped benchmark resumes where it was
-(rows remember their settings; rows of other settings are ignored). Teachers (``--teacher``) are trained
-once per task and cached (finegates/distill.py); their training time is shown, and amortised over the
-rows of the task that used them.
+(rows remember their settings; rows of other settings are ignored). Teachers (``--teacher``) are made
+once per task and seed and cached (finegates/distill.py): the ``lora`` (``full``) row is the LoRA (full)
+teacher, so it runs first and the distilled rows of its task reuse its model; without such a row the first
+distilled row trains the teacher. Their training time is shown, and amortised over the rows of the task
+that used them.
 
 The dense baselines of the sweep (``gift-sw``, ``sparta``, ``propulsion``, ``bitfit``) are configs too, each at
 its registry reference, so that the GPU protocol can also make issue 11's fair table (docs/RESULTS.md):
@@ -34,9 +36,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 # name -> finegates.train flags. fg-<t>: FineGates (gates only), controller to t% removed, recovery;
@@ -88,6 +90,9 @@ for _flags in CONFIGS.values():
         _flags.append("--no-teacher-init")
 
 TEACHER_LABEL = {"lora": "LoRA r8, lr 1e-3", "full": "full finetuning, lr 5e-5"}
+# dense configs whose run is exactly the task's teacher of that kind (same data, seed, method, lr, rank): given the
+# teacher cache, it puts its model there, and the distilled rows reuse it (tests check the flags still match)
+PUBLISHES = {"lora": "lora", "full": "full"}
 
 
 def teacher_kind(config: str) -> str | None:
@@ -164,7 +169,73 @@ def one_run(a: argparse.Namespace, task: str, name: str, seed: int, cache: str) 
             shutil.copyfile(Path(out) / "eval_predictions.npz", dest)
     keep = ("score", "sparsity", "speedup", "params_trainable", "train_time_s", "n_train", "n_eval", "device",
             "precision", "teacher_score", "teacher_train_time_s", "teacher_reused", "gate_sparsity", "trivial_score")
-    return {"task": task, "config": name, "seed": seed, "wall_s": wall, **{k: r.get(k) for k in keep}}
+    row = {"task": task, "config": name, "seed": seed, "wall_s": wall, **{k: r.get(k) for k in keep}}
+    if r.get("published_teacher_path"):
+        row["teacher_published"] = True  # this row's model is its task's teacher (its training time is the teacher's)
+    return row
+
+
+def publishes(config: str, a: argparse.Namespace) -> str | None:
+    """The teacher kind that a dense config's run is, exactly, and puts into the teacher cache when it ends
+    (``finegates.distill.publish_teacher``); None for any other config. A common ``--head-lr`` makes the rows
+    other than a teacher (a teacher's head trains at the method's lr)."""
+    return PUBLISHES.get(config) if getattr(a, "head_lr", None) is None else None
+
+
+def schedule(jobs: list[tuple[str, str, int]], a: argparse.Namespace) -> tuple[list, dict]:
+    """The order to start ``jobs`` (task, config, seed) in, and the job each one waits for. A task's teacher (per
+    seed and teacher kind) is made once: by the dense row that is that teacher (``publishes``), else by the first
+    distilled row that needs it. That job starts first; the task's other distilled rows start once it has
+    finished, and reuse the teacher instead of waiting on its lock."""
+    def needs(j) -> tuple | None:  # the teacher a distilled row uses (every FineGates config names its --teacher)
+        kind = teacher_kind(j[1]) if "--teacher" in CONFIGS[j[1]] else None
+        return None if kind is None else (j[0], j[2], kind)
+
+    maker: dict[tuple, tuple] = {}
+    for j in jobs:
+        if (kind := publishes(j[1], a)) is not None:
+            maker.setdefault((j[0], j[2], kind), j)
+    for j in jobs:
+        if (key := needs(j)) is not None:
+            maker.setdefault(key, j)
+    first = list(dict.fromkeys(maker.values()))
+    deps = {j: maker[needs(j)] for j in jobs if needs(j) is not None and maker[needs(j)] != j}
+    return first + [j for j in jobs if j not in first], deps
+
+
+def run_jobs(jobs: list, deps: dict, fn, workers: int) -> None:
+    """``fn(job)`` for every job, ``workers`` at a time, in order; a job starts only once ``deps[job]`` (when it
+    has one) has finished. A worker with nothing ready waits."""
+    pending, done, errors = list(jobs), set(), []
+    cond = threading.Condition()
+
+    def worker() -> None:
+        while True:
+            with cond:
+                while True:
+                    job = next((j for j in pending if deps.get(j) is None or deps[j] in done), None)
+                    if job is not None or not pending:
+                        break
+                    cond.wait()
+                if job is None:
+                    return
+                pending.remove(job)
+            try:
+                fn(job)
+            except BaseException as e:  # noqa: BLE001 - raised again below, after the other workers end
+                errors.append(e)
+            finally:
+                with cond:
+                    done.add(job)
+                    cond.notify_all()
+
+    threads = [threading.Thread(target=worker) for _ in range(max(1, workers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 def run_all(a: argparse.Namespace, out: Path) -> None:
@@ -172,26 +243,20 @@ def run_all(a: argparse.Namespace, out: Path) -> None:
     done = {(r["task"], r["config"], r["seed"]) for r in load(out, setting) if "error" not in r}
     configs = [c for c in a.configs.split(",") if c]
     jobs = [(t, c, s) for s in a.seeds for c in configs for t in a.tasks.split(",") if (t, c, s) not in done]
-    # a task's first teacher-using run trains its teacher: start those first, one per task, so that the
-    # other runs of the task find it cached instead of waiting on its lock
-    first_kd = {}
-    for j in jobs:
-        if "--teacher" in CONFIGS[j[1]] and j[0] not in first_kd:
-            first_kd[j[0]] = j
-    jobs = list(first_kd.values()) + [j for j in jobs if j not in first_kd.values()]
+    jobs, deps = schedule(jobs, a)
     cache = str(Path(a.teacher_cache).resolve())
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"{len(jobs)} runs, {a.jobs} at a time -> {out}", flush=True)
+    lock = threading.Lock()
 
     def go(job):
         row = one_run(a, *job, cache) | setting
-        with out.open("a") as f:
+        with lock, out.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps({k: row.get(k) for k in ("task", "config", "seed", "score", "sparsity", "wall_s", "error")}),
               flush=True)
 
-    with ThreadPoolExecutor(a.jobs) as ex:
-        list(ex.map(go, jobs))
+    run_jobs(jobs, deps, go, a.jobs)
 
 
 def _fmt(xs: list[float], pct: bool = False) -> str:
@@ -215,6 +280,8 @@ def table(rows: list[dict], configs: list[str], tasks: list[str]) -> str:
     for r in ok:
         if r.get("teacher_reused") is False:
             trained[(r["task"], teacher_kind(r["config"]))].append((r["teacher_score"], r["teacher_train_time_s"]))
+        elif r.get("teacher_published"):  # a dense row that is the teacher: its own run, charged to it and shared
+            trained[(r["task"], PUBLISHES[r["config"]])].append((r["score"], r["train_time_s"]))
     teacher_time = {tk: sum(s for _, s in v) for tk, v in trained.items()}
     kd_rows = defaultdict(int)
     for r in ok:

@@ -10,6 +10,11 @@ Cache layout (``<root>/<key>/``): ``teacher.json`` (what it is, its score, its t
 ``model/`` (the exported teacher). ``key`` hashes everything that changes the teacher. Concurrent trials of
 one task (a sweep) take a file lock: one trains, the others wait and then reuse it.
 
+A dense run given a teacher cache that trains exactly such a teacher (``teacher_of_run``: LoRA r8 at lr 1e-3, or
+full finetuning at 5e-5, on the same data and seed, as the LoRA baseline of a sweep or of
+benchmarks/compression_frontier.py does) puts its model into the cache when it ends (``publish_teacher``): the
+students of that task then reuse it instead of training the same model a second time.
+
 Loss (Hinton et al. 2015): classification ``T^2 KL(softmax(t / T) || softmax(s / T))``; regression
 ``MSE(s, t)``. The student minimises ``(1 - alpha) task + alpha distillation``.
 """
@@ -87,13 +92,34 @@ def _load(d: Path, reused: bool) -> Teacher:
     return Teacher(d, np.load(d / "train_logits.npy"), info, reused)
 
 
+def teacher_dir(cfg: "TrainConfig", kind: str, key: str) -> Path:
+    """The cache folder of the ``kind`` teacher with this key, for ``cfg``'s task and cache."""
+    return cache_root(cfg) / f"{cfg.task}-{kind}-{key}"
+
+
+def _store(tmp: Path, d: Path, info: dict[str, Any], logits: np.ndarray) -> Teacher:
+    """Finish a teacher written into ``tmp`` (its ``model/`` already there): logits and teacher.json, then one
+    rename to ``d``, so that a reader finds a whole teacher or none. The caller holds ``d``'s lock."""
+    np.save(tmp / "train_logits.npy", logits.astype(np.float32))
+    info = info | {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (tmp / "teacher.json").write_text(json.dumps(info, indent=2))
+    os.replace(tmp, d)
+    return _load(d, reused=False)
+
+
+def _info(key: str, tcfg: "TrainConfig", model_path: str, n_train: int, score: float, train_time: float) -> dict:
+    return {"key": key, "task": tcfg.task, "method": tcfg.method, "lr": tcfg.lr, "rank": tcfg.rank,
+            "epochs": tcfg.epochs, "max_train": tcfg.max_train, "n_train": n_train, "seed": tcfg.seed,
+            "model": model_path, "score": score, "train_time_s": train_time}
+
+
 def get_teacher(cfg: "TrainConfig", model_path: str, train_rows: list[dict], collate) -> Teacher:
     """The cached teacher for this student config, trained first if there is none (under a lock)."""
     from finegates.train import logits_of, run
 
     tcfg = teacher_config(cfg)
     key = teacher_key(tcfg, model_path, train_rows)
-    d = cache_root(cfg) / f"{cfg.task}-{cfg.teacher}-{key}"
+    d = teacher_dir(cfg, cfg.teacher, key)
     with file_lock(d.parent / f".{d.name}.lock"):
         if (d / "teacher.json").is_file():
             log.info("teacher %s: reused", d)
@@ -109,14 +135,51 @@ def get_teacher(cfg: "TrainConfig", model_path: str, train_rows: list[dict], col
         model = load_compressed(tmp / "model")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         logits = logits_of(model, train_rows, collate, max(tcfg.batch_size, 64), device)
-        np.save(tmp / "train_logits.npy", logits.astype(np.float32))
-        info = {"key": key, "task": cfg.task, "method": tcfg.method, "lr": tcfg.lr, "rank": tcfg.rank,
-                "epochs": tcfg.epochs, "max_train": tcfg.max_train, "n_train": len(train_rows), "seed": tcfg.seed,
-                "model": model_path, "score": result["score"], "train_time_s": train_time,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        (tmp / "teacher.json").write_text(json.dumps(info, indent=2))
-        os.replace(tmp, d)
-        return _load(d, reused=False)
+        return _store(tmp, d, _info(key, tcfg, model_path, len(train_rows), result["score"], train_time), logits)
+
+
+def teacher_of_run(cfg: "TrainConfig") -> "TrainConfig | None":
+    """The teacher that the dense run ``cfg`` trains exactly (``teacher_config`` of a student of the same task,
+    data and schedule: same method, rank, learning rates, seed, options), or None when it trains something else.
+    What a teacher's weights do not depend on (where its outputs and latency go) is left out of the comparison."""
+    if cfg.method not in TEACHER_LR:
+        return None
+    t = teacher_config(replace(cfg, teacher=cfg.method))
+    as_run = replace(cfg, teacher=t.teacher, teacher_init=t.teacher_init, output_dir=t.output_dir,
+                     latency_repeats=t.latency_repeats, latency_batch=t.latency_batch,
+                     latency_length=t.latency_length, data_seed=None if cfg.data_seed in (None, cfg.seed)
+                     else cfg.data_seed)
+    return t if as_run == t else None
+
+
+def publish_teacher(cfg: "TrainConfig", model_path: str, train_rows: list[dict], collate, model: torch.nn.Module,
+                    tokenizer, score: float, train_time: float, device: torch.device | str = "cpu") -> Path | None:
+    """A dense run that trained exactly a student's teacher (:func:`teacher_of_run`) puts its exported model into
+    the teacher cache, with its logits on ``train_rows``, so that the students of that task and data reuse it
+    instead of training the same model again (the LoRA baseline of a sweep or of the frontier is their teacher).
+    Returns the teacher's folder; None where the run is not such a teacher, the teacher is already cached, or
+    another process holds its lock (it is training it now: this run does not wait for it)."""
+    from finegates.export import save_compressed
+    from finegates.train import logits_of
+
+    tcfg = teacher_of_run(cfg)
+    if tcfg is None:
+        return None
+    key = teacher_key(tcfg, model_path, train_rows)
+    d = teacher_dir(cfg, cfg.method, key)
+    with file_lock(d.parent / f".{d.name}.lock", blocking=False) as locked:
+        if not locked or (d / "teacher.json").is_file():
+            return None
+        tmp = d.parent / f".{d.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        t0 = time.perf_counter()
+        save_compressed(model, tmp / "model", tokenizer, extra={"task": cfg.task, "method": cfg.method,
+                                                                "score": score, "config": tcfg.to_dict()})
+        train_time += time.perf_counter() - t0  # its training and export; the logits pass not (as get_teacher)
+        logits = logits_of(model, train_rows, collate, max(tcfg.batch_size, 64), device)
+        info = _info(key, tcfg, model_path, len(train_rows), score, train_time) | {"published_by": "dense run"}
+        log.info("teacher %s: published by this %s run", d, cfg.method)
+        return _store(tmp, d, info, logits).path
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, regression: bool) -> torch.Tensor:

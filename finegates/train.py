@@ -332,6 +332,13 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool 
     result.update({k: v for k, v in history[-1].items() if k in ("gate_sparsity", "expected_sparsity",
                                                                 "expected_sparsity_at_pin", "schedule_closed")})
     result.setdefault("gate_sparsity", 0.0)  # methods without gates
+    if cfg.teacher_cache is not None and not method.prunes:  # a dense run that is a student's teacher: cache it
+        from finegates.distill import publish_teacher
+
+        published = publish_teacher(cfg, model_path, data.train, collate, compressed, tokenizer, final["score"],
+                                    train_time, device)
+        compressed.cpu()
+        result["published_teacher_path"] = None if published is None else str(published)
     if cfg.output_dir:
         out = Path(cfg.output_dir).resolve()
         result["model_path"] = None
@@ -423,7 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the method's --lr)")
     p.add_argument("--teacher-lr", type=float, default=None, help="teacher learning rate (default: lora 1e-3, full 5e-5)")
     p.add_argument("--teacher-cache", default=None,
-                   help="teacher cache dir (default: $FINEGATES_TEACHER_CACHE or ~/.cache/finegates/teachers)")
+                   help="teacher cache dir (default: $FINEGATES_TEACHER_CACHE or ~/.cache/finegates/teachers); given "
+                   "to a dense run that trains exactly a teacher (lora r8 lr 1e-3, or full lr 5e-5), that run puts "
+                   "itself there for later students")
     # sizes default to None here: TrainConfig's defaults, or the --smoke-test preset; given values win
     p.add_argument("--epochs", type=float, default=None, help=f"default: {d.epochs:g}")
     p.add_argument("--batch-size", type=int, default=d.batch_size)

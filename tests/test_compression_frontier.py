@@ -139,3 +139,55 @@ def test_bad_head_lr_or_budgets_are_one_line_and_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert err == [f"error: {message}"]
     assert not out.exists()
+
+
+def test_the_teacher_rows_train_exactly_their_teachers():
+    from finegates.config import TrainConfig
+    from finegates.distill import teacher_config, teacher_of_run
+    from finegates.train import build_parser
+
+    fields = set(TrainConfig.__dataclass_fields__)
+    for config, kind in cf.PUBLISHES.items():  # the flags one_run gives finegates.train, as its CLI reads them
+        args = build_parser().parse_args(["--task", "stsb", "--seed", "7", "--latency-repeats", "3",
+                                          *cf.CONFIGS[config]])
+        cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+        assert teacher_of_run(cfg) == teacher_config(TrainConfig(task="stsb", seed=7, teacher=kind)), config
+
+
+def test_the_teacher_row_runs_first_and_its_students_after_it():
+    a = argparse.Namespace(head_lr=None)
+    configs = ("fg-40-kdinit", "lora", "fgl-40-kdfull", "fgl-40-kd", "bitfit")
+    jobs = [(t, c, 1) for c in configs for t in ("qnli", "sst2")]
+    order, deps = cf.schedule(jobs, a)
+    assert order[:4] == [("qnli", "lora", 1), ("sst2", "lora", 1), ("qnli", "fgl-40-kdfull", 1),
+                         ("sst2", "fgl-40-kdfull", 1)]  # no full row: the first student trains that teacher
+    assert deps == {(t, c, 1): (t, "lora", 1) for t in ("qnli", "sst2") for c in ("fg-40-kdinit", "fgl-40-kd")}
+    # with one head lr for every row the lora row is not a teacher: the first student makes it
+    order, deps = cf.schedule(jobs, argparse.Namespace(head_lr=1e-3))
+    assert order[0] == ("qnli", "fg-40-kdinit", 1) and deps[("qnli", "fgl-40-kd", 1)] == ("qnli", "fg-40-kdinit", 1)
+    # the runner starts a job only after the one it waits for has finished, and keeps the other worker busy
+    events = []
+    lock = __import__("threading").Lock()
+
+    def fn(job):
+        with lock:
+            events.append(("start", job))
+        __import__("time").sleep(0.05 if job == "slow" else 0.01)
+        with lock:
+            events.append(("end", job))
+
+    cf.run_jobs(["slow", "fast", "after-slow", "after-fast"], {"after-slow": "slow", "after-fast": "fast"}, fn, 2)
+    assert events.index(("end", "slow")) < events.index(("start", "after-slow"))
+    assert events.index(("start", "after-fast")) < events.index(("end", "slow"))  # not held up by the slow one
+    with pytest.raises(RuntimeError, match="boom"):  # a failing job is raised, after the others ran
+        cf.run_jobs(["a", "b"], {}, lambda j: (_ for _ in ()).throw(RuntimeError("boom")) if j == "a" else None, 2)
+
+
+def test_a_teacher_row_is_charged_to_the_students_that_reuse_it():
+    rows = [{"task": "sst2", "config": "lora", "seed": 1, "score": 0.8, "sparsity": 0.0, "train_time_s": 60.0,
+             "teacher_published": True},
+            {"task": "sst2", "config": "fgl-40-kd", "seed": 1, "score": 0.79, "sparsity": 0.4, "train_time_s": 100.0,
+             "teacher_score": 0.8, "teacher_train_time_s": 60.0, "teacher_reused": True}]
+    lines = cf.table(rows, ["lora", "fgl-40-kd"], ["sst2"]).splitlines()
+    assert lines[2].endswith("| 60 |") and lines[3].endswith("| 160 |")  # the student pays the teacher's share
+    assert any(x.startswith("Teachers (LoRA r8") and "sst2 0.800 in 60 s (shared by 1 runs)" in x for x in lines)

@@ -145,3 +145,48 @@ def test_teacher_init_prunes_the_teachers_weights(glue_dir, tmp_path):
     run(TrainConfig(**kw, teacher_init=False), on_epoch=frozen)
     assert not torch.allclose(seen["q"], teacher.layers[0].query.weight)  # pretrained: LoRA's delta is missing
     assert torch.equal(seen["k"], teacher.layers[0].key.weight)  # K has no LoRA: pretrained = teacher
+
+
+def test_a_dense_run_is_a_teacher_only_when_it_trains_exactly_one():
+    from finegates.distill import teacher_config, teacher_of_run
+
+    lora = TrainConfig(task="mrpc", method="lora", rank=8, lr=1e-3, seed=7, latency_repeats=3, output_dir="/x")
+    assert teacher_of_run(lora) == teacher_config(TrainConfig(task="mrpc", method="finegates-lora", seed=7))
+    assert teacher_of_run(dataclasses.replace(lora, data_seed=7)) is not None  # the same data seed, said twice
+    full = TrainConfig(task="mrpc", method="full", lr=5e-5, seed=7)
+    assert teacher_of_run(full) == teacher_config(TrainConfig(task="mrpc", seed=7, teacher="full"))
+    for other in (dict(rank=4), dict(lr=2e-3), dict(head_lr=1e-3), dict(lora_alpha=16.0), dict(data_seed=8),
+                  dict(method="bitfit")):
+        assert teacher_of_run(dataclasses.replace(lora, **other)) is None, other
+    assert teacher_of_run(dataclasses.replace(lora, epochs=2.0)).epochs == 2.0  # the teacher of 2-epoch students
+    assert teacher_of_run(TrainConfig(method="finegates-lora", lr=1e-3, rank=8)) is None  # not dense
+
+
+def test_a_lock_held_elsewhere_is_not_waited_for(tmp_path):
+    from finegates.locking import file_lock
+
+    with file_lock(tmp_path / "l") as held:
+        assert held is True
+        with file_lock(tmp_path / "l", blocking=False) as got:  # another open file: flock says it is taken
+            assert got is False
+    with file_lock(tmp_path / "l", blocking=False) as got:
+        assert got is True
+
+
+@pytest.mark.slow
+def test_the_lora_baseline_is_the_teacher_its_students_reuse(glue_dir, tmp_path):
+    """A LoRA run given the teacher cache, trained as a teacher is, puts itself there; a distilled student of the
+    same task and data then reuses it (no teacher training) and starts from its weights."""
+    kw = dict(TINY, data_dir=str(glue_dir), teacher_cache=str(tmp_path))
+    lora = run(TrainConfig(**kw, method="lora", rank=8, lr=1e-3))
+    tdir = lora["published_teacher_path"]
+    assert tdir is not None and [str(p) for p in tmp_path.iterdir() if p.is_dir()] == [tdir]
+    info = json.loads((tmp_path / tdir / "teacher.json").read_text())
+    assert info["published_by"] == "dense run" and info["score"] == lora["score"] and info["n_train"] == 48
+    student = run(TrainConfig(**kw, method="finegates-lora", target_sparsity=0.0))
+    assert student["teacher_reused"] is True and student["teacher_path"] == tdir
+    assert student["teacher_score"] == lora["score"]
+    again = run(TrainConfig(**kw, method="lora", rank=8, lr=1e-3))  # already cached: nothing written
+    assert again["published_teacher_path"] is None
+    other = run(TrainConfig(**kw, method="lora", rank=4, lr=1e-3))  # not a teacher: nothing written
+    assert other["published_teacher_path"] is None and len([p for p in tmp_path.iterdir() if p.is_dir()]) == 1
