@@ -71,6 +71,10 @@ class TrainConfig:
     teacher: str = "lora"  # lora | full | none (docs/COMPRESSION.md: distillation wins, so it is on)
     distill_alpha: float = 0.5  # loss = (1 - alpha) task + alpha distillation
     distill_temperature: float = 2.0
+    # weight of the hidden-state loss (CoFi's layer distillation, layers matched one to one): the mean over layers of
+    # the mean squared difference between the student's and the teacher's hidden states on real tokens. Costs a
+    # teacher forward pass per step. 0 = off (logits only)
+    layer_distill: float = 0.0
     teacher_lr: float | None = None  # None: lora 1e-3, full 5e-5
     # a distilled student starts from its teacher's finetuned weights (its export; gates and LoRA go on top), not
     # from the pretrained model: it prunes a model that already knows the task. No teacher: nothing to start from
@@ -147,6 +151,10 @@ class TrainConfig:
             raise bad("teacher", self.teacher, ", ".join(TEACHERS))
         if not isinstance(self.teacher_init, bool):
             raise bad("teacher_init", self.teacher_init, "true or false")
+        if not finite(self.layer_distill) or self.layer_distill < 0:
+            raise bad("layer_distill", self.layer_distill, "a finite number >= 0 (0 = off)")
+        if self.layer_distill > 0 and self.teacher == "none":
+            raise bad("layer_distill", self.layer_distill, "0 without a teacher (--teacher none), or a teacher")
         if not finite(self.distill_temperature) or self.distill_temperature <= 0:
             raise bad("distill_temperature", self.distill_temperature, "a finite number > 0")
         if self.head_lr is not None and (not finite(self.head_lr) or self.head_lr <= 0):

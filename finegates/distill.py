@@ -16,7 +16,9 @@ benchmarks/compression_frontier.py does) puts its model into the cache when it e
 students of that task then reuse it instead of training the same model a second time.
 
 Loss (Hinton et al. 2015): classification ``T^2 KL(softmax(t / T) || softmax(s / T))``; regression
-``MSE(s, t)``. The student minimises ``(1 - alpha) task + alpha distillation``.
+``MSE(s, t)``. The student minimises ``(1 - alpha) task + alpha distillation``, plus, with ``layer_distill``
+> 0, that weight times the hidden-state loss (CoFi's layer distillation, :func:`hidden_state_loss`), for which
+the teacher runs beside the student (one forward pass per step).
 """
 from __future__ import annotations
 
@@ -61,7 +63,8 @@ def cache_root(cfg: "TrainConfig") -> Path:
 def teacher_config(cfg: "TrainConfig") -> "TrainConfig":
     """The teacher's own training run: the student's task, model, data and schedule, dense method."""
     # seeded by the data seed: a student re-run with another training seed (tune.run --seeds) keeps its teacher
-    return replace(cfg, method=cfg.teacher, teacher="none", teacher_init=False, rank=TEACHER_RANK[cfg.teacher],
+    return replace(cfg, method=cfg.teacher, teacher="none", teacher_init=False, layer_distill=0.0,
+                   rank=TEACHER_RANK[cfg.teacher],
                    seed=cfg.subset_seed, data_seed=None,
                    lr=cfg.teacher_lr or TEACHER_LR[cfg.teacher], head_lr=None, lora_alpha=None, output_dir=None,
                    extra={},
@@ -180,6 +183,18 @@ def publish_teacher(cfg: "TrainConfig", model_path: str, train_rows: list[dict],
         info = _info(key, tcfg, model_path, len(train_rows), score, train_time) | {"published_by": "dense run"}
         log.info("teacher %s: published by this %s run", d, cfg.method)
         return _store(tmp, d, info, logits).path
+
+
+def hidden_state_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...],
+                      attention_mask: torch.Tensor) -> torch.Tensor:
+    """CoFi's layer distillation (Xia et al. 2022), each layer matched to the same layer of the teacher (pruning
+    keeps every layer and the hidden width): the mean over the transformer layers of the mean squared difference
+    of the hidden states, over the real tokens (``attention_mask``). ``student``, ``teacher``: the models'
+    ``hidden_states`` (the embeddings' output first, left out: the student's embeddings are frozen)."""
+    mask = attention_mask.unsqueeze(-1).float()
+    n = mask.sum() * student[-1].shape[-1]
+    return torch.stack([(((s.float() - t.float()) ** 2) * mask).sum() / n
+                        for s, t in zip(student[1:], teacher[1:], strict=True)]).mean()
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, regression: bool) -> torch.Tensor:

@@ -213,16 +213,22 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool 
                           report_frac=cfg.report_frac)
     params_base, _ = count_parameters(model)
     collate = _collator(tokenizer)
-    teacher = None
+    teacher = layer_teacher = None
     if cfg.teacher != "none" and method.prunes:  # cached per task and data; trained here (under a lock) if missing
         from finegates.distill import get_teacher
 
         teacher = get_teacher(cfg, model_path, data.train, collate)
         data.train = [r | {"teacher_logits": t} for r, t in zip(data.train, teacher.train_logits)]
-        if cfg.teacher_init:  # prune the finetuned teacher, not the pretrained model
+        if cfg.teacher_init or cfg.layer_distill > 0:
             from finegates.export import load_compressed
 
-            family.load_exported(model, load_compressed(teacher.path / "model"))
+            exported = load_compressed(teacher.path / "model")
+            if cfg.teacher_init:  # prune the finetuned teacher, not the pretrained model
+                family.load_exported(model, exported)
+            if cfg.layer_distill > 0:  # its hidden states are the targets: the teacher runs beside the student
+                _, layer_teacher = load_base(model_path, task.num_labels, task.label_names)
+                family.load_exported(layer_teacher, exported)
+                layer_teacher.requires_grad_(False).eval()
         t_start = time.perf_counter()
     seed_everything(cfg.seed)  # training draws do not depend on whether (or how) a teacher was obtained
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -249,6 +255,8 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool 
     opt = torch.optim.AdamW(groups)
     model, opt, train_loader = acc.prepare(model, opt, train_loader)
     device = acc.device
+    if layer_teacher is not None:
+        layer_teacher.to(device)
 
     # ---- train
     history: list[dict[str, Any]] = []
@@ -263,13 +271,19 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool 
             if step >= total_steps:
                 break
             teacher_logits = batch.pop("teacher_logits", None)
-            out = model(**batch)
+            out = model(**batch, output_hidden_states=layer_teacher is not None)
             loss = out.loss
             if teacher_logits is not None:
-                from finegates.distill import distill_loss
+                from finegates.distill import distill_loss, hidden_state_loss
 
                 kd = distill_loss(out.logits, teacher_logits, cfg.distill_temperature, task.is_regression)
                 loss = (1.0 - cfg.distill_alpha) * loss + cfg.distill_alpha * kd
+                if layer_teacher is not None:
+                    with torch.no_grad(), acc.autocast():
+                        hidden = layer_teacher(**{k: v for k, v in batch.items() if k != "labels"},
+                                               output_hidden_states=True).hidden_states
+                    loss = loss + cfg.layer_distill * hidden_state_loss(out.hidden_states, hidden,
+                                                                        batch["attention_mask"])
             reg = method.regularizer(acc.unwrap_model(model), step)
             total = loss if reg is None else loss + reg
             if not torch.isfinite(total):
@@ -425,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "when there is a teacher)")
     p.add_argument("--distill-alpha", type=float, default=d.distill_alpha, help="weight of the distillation loss")
     p.add_argument("--distill-temperature", type=float, default=d.distill_temperature)
+    p.add_argument("--layer-distill", type=float, default=d.layer_distill,
+                   help="weight of the hidden-state loss against the teacher, layer by layer (CoFi's layer "
+                   "distillation; the teacher runs beside the student, a forward pass per step); 0: logits only")
     p.add_argument("--head-lr", type=float, default=None,
                    help="learning rate of the classification head, the same for every method "
                         "(default: the method's --lr)")

@@ -40,6 +40,7 @@ def trial_config(config: dict[str, Any], fixed: dict[str, Any], output_dir: str)
     if not get_method(kw.get("method", "finegates")).prunes:
         kw["teacher"] = "none"  # distillation is part of compressing; the dense baselines train as published
         kw["teacher_init"] = False
+        kw["layer_distill"] = 0.0
     return TrainConfig(**kw, extra=extra)
 
 

@@ -33,6 +33,34 @@ def test_distill_loss_values_and_gradient():
     assert r.item() == pytest.approx((1 + 4) / 2)
 
 
+def test_hidden_state_loss_matches_layers_one_to_one_on_real_tokens():
+    from finegates.distill import hidden_state_loss
+
+    g = torch.Generator().manual_seed(0)
+    teacher = tuple(torch.randn(2, 3, 4, generator=g) for _ in range(3))  # embeddings, then two layers
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert hidden_state_loss(teacher, teacher, mask).item() == 0.0
+    student = (teacher[0] + 5.0, teacher[1] + 1.0, teacher[2].clone())  # the embeddings' output is not matched
+    student[2][0, 2] += 100.0  # a padded token is not matched either
+    student[2][1, 0, 0] += 2.0  # one real token, one dim: (2^2 / (3 tokens x 4 dims)) in layer 2
+    assert hidden_state_loss(student, teacher, mask).item() == pytest.approx((1.0 + 4.0 / 12) / 2)
+    s = tuple(t.clone().requires_grad_() for t in student)
+    hidden_state_loss(s, teacher, mask).backward()
+    assert s[0].grad is None or not s[0].grad.any()
+    assert s[1].grad[0, :2].gt(0).all() and not s[1].grad[0, 2].any()  # pulled towards the teacher, real tokens
+
+
+def test_layer_distillation_needs_a_teacher_and_a_weight_at_least_0():
+    from finegates.distill import teacher_config
+    from finegates.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="layer_distill=1.0 is invalid; accepted: 0 without a teacher"):
+        TrainConfig(teacher="none", layer_distill=1.0)
+    with pytest.raises(ConfigError, match="layer_distill=-1.0 is invalid; accepted: a finite number >= 0"):
+        TrainConfig(layer_distill=-1.0)
+    assert teacher_config(TrainConfig(layer_distill=1.0)).layer_distill == 0.0  # the teacher trains on its own
+
+
 def _fraction_scaling(cfg: TrainConfig) -> float:
     """Fraction of gates whose eval value is below 1 after the run (gates that scale their unit)."""
     seen = {}
@@ -190,3 +218,30 @@ def test_the_lora_baseline_is_the_teacher_its_students_reuse(glue_dir, tmp_path)
     assert again["published_teacher_path"] is None
     other = run(TrainConfig(**kw, method="lora", rank=4, lr=1e-3))  # not a teacher: nothing written
     assert other["published_teacher_path"] is None and len([p for p in tmp_path.iterdir() if p.is_dir()]) == 1
+
+
+@pytest.mark.slow
+def test_layer_distillation_runs_the_teacher_beside_the_student(glue_dir, tmp_path):
+    """--layer-distill: the hidden-state loss is added to the training loss, against the hidden states of the
+    teacher, which runs beside the student. One step: the student starts from its teacher, so the two differ by
+    the student's dropout only, and the rest of the step's loss is the run's without it."""
+    kw = dict(TINY | {"max_train": 16}, data_dir=str(glue_dir), method="finegates-lora", target_sparsity=0.3,
+              teacher="lora", teacher_cache=str(tmp_path))
+    plain = run(TrainConfig(**kw))
+    seen = []
+    from finegates import distill
+
+    real = distill.hidden_state_loss
+
+    def spy(student, teacher, mask):
+        seen.append(float(real(student, teacher, mask)))
+        return real(student, teacher, mask)
+
+    distill.hidden_state_loss = spy
+    try:
+        ld = run(TrainConfig(**kw, layer_distill=1.0))
+    finally:
+        distill.hidden_state_loss = real
+    assert len(seen) == ld["steps"] == plain["steps"] == 1 and 0 < seen[0] < 1
+    assert ld["history"][0]["train_loss"] == pytest.approx(plain["history"][0]["train_loss"] + seen[0], rel=1e-5)
+    assert ld["teacher_reused"] is True and ld["teacher_path"] == plain["teacher_path"]
