@@ -188,6 +188,14 @@ def test_a_dense_run_is_a_teacher_only_when_it_trains_exactly_one():
         assert teacher_of_run(dataclasses.replace(lora, **other)) is None, other
     assert teacher_of_run(dataclasses.replace(lora, epochs=2.0)).epochs == 2.0  # the teacher of 2-epoch students
     assert teacher_of_run(TrainConfig(method="finegates-lora", lr=1e-3, rank=8)) is None  # not dense
+    # a sweep's LoRA reference trial is one (tune.run seeds its trials' data with the sweep seed); a seed re-run not
+    from finegates.methods import get_method_class
+    from tune.trial import trial_config
+
+    fixed = {"train": dict(seed=3, data_seed=3, eval_part="selection", threads=2, teacher_cache="/t", max_train=64)}
+    ref = trial_config({"method": "lora", **get_method_class("lora").reference, "reference": True}, fixed, "/o")
+    assert teacher_of_run(ref) == teacher_config(dataclasses.replace(ref, method="finegates", teacher="lora"))
+    assert teacher_of_run(dataclasses.replace(ref, seed=4)) is None
 
 
 def test_a_lock_held_elsewhere_is_not_waited_for(tmp_path):
