@@ -75,8 +75,6 @@ CONFIGS: dict[str, list[str]] = {
     # distillation; the teacher runs beside the student)
     "fgl-60-kdinit-ld1": ["--method", "finegates-lora", "--target-sparsity", "0.6", "--teacher", "lora", "--lr", "1e-3",
                           "--teacher-init", "--layer-distill", "1"],
-    "fgl-60-kdinit-ld10": ["--method", "finegates-lora", "--target-sparsity", "0.6", "--teacher", "lora", "--lr",
-                           "1e-3", "--teacher-init", "--layer-distill", "10"],
     # -atpin: what the gates have not closed by the pin closes at the pin, all at once (before session 9)
     "fg-40-kd-atpin": ["--target-sparsity", "0.4", "--teacher", "lora", "--close-schedule", "at-pin"],
     "fgl-40-kd-atpin": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "lora", "--lr", "1e-3",
