@@ -74,6 +74,9 @@ CONFIGS: dict[str, list[str]] = {
     # -lr3e-4: the same at a third of the learning rate (a student that starts from its teacher already knows the task)
     "fgl-40-kdinit-lr3e-4": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "lora", "--lr",
                              "3e-4", "--teacher-init"],
+    # -a1: distillation only (--distill-alpha 1, no task loss, as CoFi trains): the student keeps to its teacher
+    "fgl-40-kdinit-a1": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "lora", "--lr", "1e-3",
+                         "--teacher-init", "--distill-alpha", "1"],
     # -ld<w>: and matches the teacher's hidden states layer by layer too, at weight w (--layer-distill; CoFi's layer
     # distillation; the teacher runs beside the student)
     "fgl-60-kdinit-ld1": ["--method", "finegates-lora", "--target-sparsity", "0.6", "--teacher", "lora", "--lr", "1e-3",
