@@ -100,14 +100,14 @@ def teacher_dir(cfg: "TrainConfig", kind: str, key: str) -> Path:
     return cache_root(cfg) / f"{cfg.task}-{kind}-{key}"
 
 
-def _store(tmp: Path, d: Path, info: dict[str, Any], logits: np.ndarray) -> Teacher:
+def _store(tmp: Path, d: Path, info: dict[str, Any], logits: np.ndarray) -> Path:
     """Finish a teacher written into ``tmp`` (its ``model/`` already there): logits and teacher.json, then one
-    rename to ``d``, so that a reader finds a whole teacher or none. The caller holds ``d``'s lock."""
+    rename to ``d``, so that a reader finds a whole teacher or none. The caller holds ``d``'s lock. Returns ``d``."""
     np.save(tmp / "train_logits.npy", logits.astype(np.float32))
     info = info | {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     (tmp / "teacher.json").write_text(json.dumps(info, indent=2))
     os.replace(tmp, d)
-    return _load(d, reused=False)
+    return d
 
 
 def _info(key: str, tcfg: "TrainConfig", model_path: str, n_train: int, score: float, train_time: float) -> dict:
@@ -131,14 +131,15 @@ def get_teacher(cfg: "TrainConfig", model_path: str, train_rows: list[dict], col
         tmp = d.parent / f".{d.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         t0 = time.perf_counter()
-        result = run(replace(tcfg, output_dir=str(tmp)))
+        result = run(replace(tcfg, output_dir=str(tmp), teacher_cache=None))  # no cache: it is being stored here
         train_time = time.perf_counter() - t0
         from finegates.export import load_compressed
 
         model = load_compressed(tmp / "model")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         logits = logits_of(model, train_rows, collate, max(tcfg.batch_size, 64), device)
-        return _store(tmp, d, _info(key, tcfg, model_path, len(train_rows), result["score"], train_time), logits)
+        _store(tmp, d, _info(key, tcfg, model_path, len(train_rows), result["score"], train_time), logits)
+        return _load(d, reused=False)
 
 
 def teacher_of_run(cfg: "TrainConfig") -> "TrainConfig | None":
@@ -182,7 +183,7 @@ def publish_teacher(cfg: "TrainConfig", model_path: str, train_rows: list[dict],
         logits = logits_of(model, train_rows, collate, max(tcfg.batch_size, 64), device)
         info = _info(key, tcfg, model_path, len(train_rows), score, train_time) | {"published_by": "dense run"}
         log.info("teacher %s: published by this %s run", d, cfg.method)
-        return _store(tmp, d, info, logits).path
+        return _store(tmp, d, info, logits)
 
 
 def hidden_state_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...],
