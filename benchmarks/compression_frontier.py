@@ -77,6 +77,12 @@ CONFIGS: dict[str, list[str]] = {
     # -a1: distillation only (--distill-alpha 1, no task loss, as CoFi trains): the student keeps to its teacher
     "fgl-40-kdinit-a1": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "lora", "--lr", "1e-3",
                          "--teacher-init", "--distill-alpha", "1"],
+    # -e<n>: the student trains n epochs from its teacher, which trains the protocol's epochs (one_run: --teacher-epochs),
+    # so it is the same teacher as the other rows'; the row's epochs_completed says n
+    "fgl-40-kdinit-a1-e1": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "lora", "--lr",
+                            "1e-3", "--teacher-init", "--distill-alpha", "1", "--epochs", "1"],
+    "fgl-40-kdinit-a1-e2": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "lora", "--lr",
+                            "1e-3", "--teacher-init", "--distill-alpha", "1", "--epochs", "2"],
     # -ld<w>: and matches the teacher's hidden states layer by layer too, at weight w (--layer-distill; CoFi's layer
     # distillation; the teacher runs beside the student)
     "fgl-60-kdinit-ld1": ["--method", "finegates-lora", "--target-sparsity", "0.6", "--teacher", "lora", "--lr", "1e-3",
@@ -158,15 +164,23 @@ def load(path: Path, setting: dict) -> list[dict]:
             and r.get("head_lr") == setting.get("head_lr")]
 
 
+def train_command(a: argparse.Namespace, task: str, name: str, seed: int, cache: str, out: str) -> list[str]:
+    """The finegates.train command line of one row (the protocol's sizes, then the config's flags)."""
+    cmd = [sys.executable, "-m", "finegates.train", "--task", task, "--seed", str(seed), "--no-progress",
+           "--max-train", str(a.max_train), "--max-eval", str(a.max_eval or "all"), "--epochs", str(a.epochs),
+           "--batch-size", str(a.batch_size), "--max-length", str(a.max_length), "--threads", str(a.threads),
+           "--latency-repeats", "3", "--teacher-cache", cache, "--output-dir", out, "--history", *CONFIGS[name]]
+    if "--epochs" in CONFIGS[name]:  # a student trained shorter than the protocol: its teacher is the protocol's
+        cmd += ["--teacher-epochs", str(a.epochs)]
+    cmd += ["--head-lr", str(a.head_lr)] if getattr(a, "head_lr", None) is not None else []
+    cmd += ["--model", a.model] if a.model else []
+    cmd += ["--data-dir", a.data_dir] if a.data_dir else []
+    return cmd
+
+
 def one_run(a: argparse.Namespace, task: str, name: str, seed: int, cache: str) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "-m", "finegates.train", "--task", task, "--seed", str(seed), "--no-progress",
-               "--max-train", str(a.max_train), "--max-eval", str(a.max_eval or "all"), "--epochs", str(a.epochs),
-               "--batch-size", str(a.batch_size), "--max-length", str(a.max_length), "--threads", str(a.threads),
-               "--latency-repeats", "3", "--teacher-cache", cache, "--output-dir", out, *CONFIGS[name]]
-        cmd += ["--head-lr", str(a.head_lr)] if getattr(a, "head_lr", None) is not None else []
-        cmd += ["--model", a.model] if a.model else []
-        cmd += ["--data-dir", a.data_dir] if a.data_dir else []
+        cmd = train_command(a, task, name, seed, cache, out)
         t0 = time.perf_counter()
         p = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t0
@@ -177,9 +191,12 @@ def one_run(a: argparse.Namespace, task: str, name: str, seed: int, cache: str) 
             dest = Path(a.predictions_dir) / f"{task}-{name}-{seed}.npz"
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(Path(out) / "eval_predictions.npz", dest)
-    keep = ("score", "sparsity", "speedup", "params_trainable", "train_time_s", "n_train", "n_eval", "device",
-            "precision", "teacher_score", "teacher_train_time_s", "teacher_reused", "gate_sparsity", "trivial_score")
+    keep = ("score", "sparsity", "speedup", "params_trainable", "train_time_s", "steps", "epochs_completed", "n_train",
+            "n_eval", "device", "precision", "teacher_score", "teacher_train_time_s", "teacher_reused", "gate_sparsity", "trivial_score")
     row = {"task": task, "config": name, "seed": seed, "wall_s": wall, **{k: r.get(k) for k in keep}}
+    # per epoch: the evaluation score and the sparsity reached (gate, expected), for how a run got where it ended
+    row["history"] = [{k: h.get(k) for k in ("epoch", "step", "score", "gate_sparsity", "expected_sparsity")}
+                      for h in r.get("history") or []]
     if r.get("published_teacher_path"):
         row["teacher_published"] = True  # this row's model is its task's teacher (its training time is the teacher's)
     return row

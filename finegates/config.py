@@ -76,6 +76,9 @@ class TrainConfig:
     # teacher forward pass per step. 0 = off (logits only)
     layer_distill: float = 0.0
     teacher_lr: float | None = None  # None: lora 1e-3, full 5e-5
+    # the teacher's epochs; None: the student's. A student that starts from its teacher (teacher_init) can train for
+    # fewer epochs than the teacher it starts from, and still shares it with the other trials of its task
+    teacher_epochs: float | None = None
     # a distilled student starts from its teacher's finetuned weights (its export; gates and LoRA go on top), not
     # from the pretrained model: it prunes a model that already knows the task. No teacher: nothing to start from
     # (docs/COMPRESSION.md, session 13)
@@ -161,6 +164,8 @@ class TrainConfig:
             raise bad("head_lr", self.head_lr, "a finite number > 0, or none for the method's lr")
         if self.teacher_lr is not None and (not finite(self.teacher_lr) or self.teacher_lr <= 0):
             raise bad("teacher_lr", self.teacher_lr, "a finite number > 0, or none for the method's default")
+        if self.teacher_epochs is not None and (not finite(self.teacher_epochs) or self.teacher_epochs <= 0):
+            raise bad("teacher_epochs", self.teacher_epochs, "a number > 0, or none for the student's epochs")
         for name in ("batch_size", "max_length", "latency_batch", "latency_length", "latency_repeats"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:

@@ -64,7 +64,7 @@ def teacher_config(cfg: "TrainConfig") -> "TrainConfig":
     """The teacher's own training run: the student's task, model, data and schedule, dense method."""
     # seeded by the data seed: a student re-run with another training seed (tune.run --seeds) keeps its teacher
     return replace(cfg, method=cfg.teacher, teacher="none", teacher_init=False, layer_distill=0.0,
-                   rank=TEACHER_RANK[cfg.teacher],
+                   rank=TEACHER_RANK[cfg.teacher], epochs=cfg.teacher_epochs or cfg.epochs, teacher_epochs=None,
                    seed=cfg.subset_seed, data_seed=None,
                    lr=cfg.teacher_lr or TEACHER_LR[cfg.teacher], head_lr=None, lora_alpha=None, output_dir=None,
                    extra={},

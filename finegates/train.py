@@ -446,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning rate of the classification head, the same for every method "
                         "(default: the method's --lr)")
     p.add_argument("--teacher-lr", type=float, default=None, help="teacher learning rate (default: lora 1e-3, full 5e-5)")
+    p.add_argument("--teacher-epochs", type=float, default=None,
+                   help="the teacher's epochs (default: the student's --epochs); a student that starts from its "
+                   "teacher can train fewer epochs than the teacher it shares with the other runs of its task")
     p.add_argument("--teacher-cache", default=None,
                    help="teacher cache dir (default: $FINEGATES_TEACHER_CACHE or ~/.cache/finegates/teachers); given "
                    "to a dense run that trains exactly a teacher (lora r8 lr 1e-3, or full lr 5e-5), that run puts "

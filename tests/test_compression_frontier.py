@@ -3,6 +3,7 @@ setting that keeps rows apart, and the per-seed table with its chance marks."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -23,6 +24,29 @@ def test_dense_baselines_run_their_registry_reference():
         args = build_parser().parse_args(cf.CONFIGS[m])  # flags finegates.train accepts
         assert args.method == m and args.lr == get_method_class(m).reference["lr"]
     assert cf.CONFIGS["sparta"][-2:] == ["--option", "density=0.01"]
+
+
+def test_a_shorter_student_trains_from_the_protocols_teacher():
+    """An -e<n> row trains n epochs, and its teacher the protocol's: the teacher the `lora` row trains and publishes."""
+    from finegates.config import TrainConfig
+    from finegates.distill import teacher_config, teacher_key, teacher_of_run
+    from finegates.train import build_parser
+
+    a = argparse.Namespace(max_train=2000, max_eval=None, epochs=3, batch_size=32, max_length=128, threads=1,
+                           head_lr=None, model=None, data_dir=None)
+
+    def cfg(name):
+        args = vars(build_parser().parse_args(cf.train_command(a, "qnli", name, 7, "/c", "/o")[3:]))
+        return TrainConfig(**{k: args[k] for k in ("task", "method", "rank", "lr", "seed", "epochs", "batch_size",
+                                                   "teacher", "teacher_epochs", "distill_alpha")})
+
+    short, lora = cfg("fgl-40-kdinit-a1-e1"), cfg("lora")
+    assert (short.epochs, short.teacher_epochs, lora.epochs, lora.teacher_epochs) == (1.0, 3.0, 3.0, None)
+    def key(t):  # what names a teacher in the cache (its data rows aside: the same task, subset and seed here)
+        return teacher_key(t, "model", [])
+
+    assert key(teacher_of_run(lora)) == key(teacher_config(short)) == key(teacher_config(cfg("fgl-40-kdinit-a1")))
+    assert key(teacher_config(short)) != key(teacher_config(dataclasses.replace(short, teacher_epochs=None)))
 
 
 def test_a_head_lr_keeps_its_rows_apart(tmp_path):

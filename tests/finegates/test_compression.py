@@ -187,6 +187,11 @@ def test_a_dense_run_is_a_teacher_only_when_it_trains_exactly_one():
                   dict(method="bitfit")):
         assert teacher_of_run(dataclasses.replace(lora, **other)) is None, other
     assert teacher_of_run(dataclasses.replace(lora, epochs=2.0)).epochs == 2.0  # the teacher of 2-epoch students
+    # and of a 1-epoch student whose teacher trains 3 (--teacher-epochs): the same teacher as a 3-epoch student's
+    short = TrainConfig(task="mrpc", method="finegates-lora", seed=7, epochs=1.0, teacher_epochs=3.0)
+    assert teacher_config(short) == teacher_config(dataclasses.replace(short, epochs=3.0, teacher_epochs=None))
+    assert teacher_of_run(lora) == teacher_config(short) != teacher_config(dataclasses.replace(short, teacher_epochs=None))
+    assert teacher_of_run(dataclasses.replace(lora, teacher_epochs=2.0)) is None  # a dense run trains its own epochs
     assert teacher_of_run(TrainConfig(method="finegates-lora", lr=1e-3, rank=8)) is None  # not dense
     # a sweep's LoRA reference trial is one (tune.run seeds its trials' data with the sweep seed); a seed re-run not
     from finegates.methods import get_method_class
