@@ -79,10 +79,10 @@ CONFIGS: dict[str, list[str]] = {
                          "--teacher-init", "--distill-alpha", "1"],
     # -e<n>: the student trains n epochs from its teacher, which trains the protocol's epochs (one_run: --teacher-epochs),
     # so it is the same teacher as the other rows'; the row's epochs_completed says n
-    "fgl-40-kdinit-a1-e1": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "lora", "--lr",
-                            "1e-3", "--teacher-init", "--distill-alpha", "1", "--epochs", "1"],
-    "fgl-40-kdinit-a1-e2": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "lora", "--lr",
-                            "1e-3", "--teacher-init", "--distill-alpha", "1", "--epochs", "2"],
+    "fgl-40-kdinit-e1": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "lora", "--lr", "1e-3",
+                         "--teacher-init", "--epochs", "1"],
+    "fgl-40-kdinit-e2": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "lora", "--lr", "1e-3",
+                         "--teacher-init", "--epochs", "2"],
     # -ld<w>: and matches the teacher's hidden states layer by layer too, at weight w (--layer-distill; CoFi's layer
     # distillation; the teacher runs beside the student)
     "fgl-60-kdinit-ld1": ["--method", "finegates-lora", "--target-sparsity", "0.6", "--teacher", "lora", "--lr", "1e-3",

@@ -6,7 +6,11 @@ For each controller multiplier learning rate, trains FineGates (the given target
 until the end of the epoch before the pin (epoch 2 of 3 with the default 30% recovery), snapshots the
 gated model, and prints: its expected sparsity, its score, and its score and exported sparsity after
 the unit pin (``align=None``: the least open units closed) and after the aligned pin (``align=8``: the
-structure the exporter writes). Scores are on the whole validation set.
+structure the exporter writes; and with Q/K and V/O widths chosen apart, which the exporter pads to one
+head dim). Scores are on the whole validation set.
+
+    python benchmarks/pin_effect.py --task stsb --method finegates-lora --distill-alpha 1 --max-train 2000 \
+        --batch-size 32 --dual-lrs 0.15 --threads 1 --teacher-cache <the CPU proxy's teachers>   # the CPU proxy's run
 """
 from __future__ import annotations
 
@@ -32,6 +36,12 @@ def main() -> None:
     p.add_argument("--teacher-cache", default="runs/teachers")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--method", default="finegates", help="finegates or finegates-lora")
+    p.add_argument("--lr", type=float, default=None, help="default: the method's (finegates 2e-3; finegates-lora: 1e-3)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--distill-alpha", type=float, default=None, help="default: TrainConfig's")
+    p.add_argument("--seed", type=int, default=1948)
+    p.add_argument("--no-teacher-init", action="store_true", help="start from the pretrained model, not the teacher")
     a = p.parse_args()
 
     from finegates import gated_model as gm
@@ -44,9 +54,12 @@ def main() -> None:
     tok, _ = load_base(resolve_model(None), task.num_labels, task.label_names)
     rows = []
     for lr in [float(x) for x in a.dual_lrs.split(",")]:
-        cfg = TrainConfig(task=a.task, dual_lr=lr, target_sparsity=a.target, max_train=a.max_train, batch_size=16,
-                          epochs=a.epochs, teacher=a.teacher, teacher_cache=a.teacher_cache, data_dir=a.data_dir,
-                          threads=a.threads)
+        extra = {k: v for k, v in (("lr", a.lr if a.lr is not None else 1e-3 if a.method == "finegates-lora" else None),
+                                   ("distill_alpha", a.distill_alpha)) if v is not None}
+        cfg = TrainConfig(task=a.task, dual_lr=lr, target_sparsity=a.target, max_train=a.max_train,
+                          batch_size=a.batch_size, epochs=a.epochs, teacher=a.teacher, teacher_cache=a.teacher_cache,
+                          data_dir=a.data_dir, threads=a.threads, method=a.method, seed=a.seed,
+                          teacher_init=a.teacher != "none" and not a.no_teacher_init, **extra)
         data = load_task_data(task, tok, data_dir=cfg.data_dir, max_train=cfg.max_train, max_eval=None,
                               seed=cfg.subset_seed, max_length=cfg.max_length, tokenize_train=False)
         loader = DataLoader(data.eval, batch_size=64, collate_fn=_collator(tok))
@@ -69,19 +82,21 @@ def main() -> None:
             pass
         m0 = snap["model"]
         row = {"dual_lr": lr, "expected": float(gm.expected_sparsity(m0)), "before": score(m0)}
-        for name, kw in (("unit", {}), ("aligned", {"align": 8})):
+        for name, kw in (("unit", {}), ("aligned", {"align": 8}), ("apart", {"align": 8, "same_head_dim": False})):
             m = copy.deepcopy(m0)
             gm.pin_to_target(m, a.target, **kw)
             _, st = build_compressed(m, align=8)
             row[name] = (score(m), st.sparsity)
         rows.append(row)
         print(row, flush=True)
-    print(f"\n{a.task}, target {a.target}, {a.max_train} examples, {a.epochs} epochs, snapshot before the pin\n")
-    print("| dual lr | expected sparsity at the pin | score before | unit pin: score (exported) | aligned pin: score (exported) |")
-    print("|---|---|---|---|---|")
+    print(f"\n{a.task}, {a.method}, target {a.target}, {a.max_train} examples, {a.epochs} epochs, batch {a.batch_size}, "
+          f"seed {a.seed}, snapshot at the end of epoch {a.epochs - 1} (before the pin)\n")
+    print("| dual lr | expected sparsity at the pin | score before | unit pin: score (exported) | aligned pin: score "
+          "(exported) | aligned, Q/K and V/O widths apart: score (exported) |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['dual_lr']:g} | {r['expected']:.3f} | {r['before']:.3f} | {r['unit'][0]:.3f} ({r['unit'][1]:.0%}) "
-              f"| {r['aligned'][0]:.3f} ({r['aligned'][1]:.0%}) |")
+              f"| {r['aligned'][0]:.3f} ({r['aligned'][1]:.0%}) | {r['apart'][0]:.3f} ({r['apart'][1]:.0%}) |")
 
 
 if __name__ == "__main__":

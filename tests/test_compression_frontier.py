@@ -40,12 +40,12 @@ def test_a_shorter_student_trains_from_the_protocols_teacher():
         return TrainConfig(**{k: args[k] for k in ("task", "method", "rank", "lr", "seed", "epochs", "batch_size",
                                                    "teacher", "teacher_epochs", "distill_alpha")})
 
-    short, lora = cfg("fgl-40-kdinit-a1-e1"), cfg("lora")
+    short, lora = cfg("fgl-40-kdinit-e1"), cfg("lora")
     assert (short.epochs, short.teacher_epochs, lora.epochs, lora.teacher_epochs) == (1.0, 3.0, 3.0, None)
     def key(t):  # what names a teacher in the cache (its data rows aside: the same task, subset and seed here)
         return teacher_key(t, "model", [])
 
-    assert key(teacher_of_run(lora)) == key(teacher_config(short)) == key(teacher_config(cfg("fgl-40-kdinit-a1")))
+    assert key(teacher_of_run(lora)) == key(teacher_config(short)) == key(teacher_config(cfg("fgl-40-kdinit")))
     assert key(teacher_config(short)) != key(teacher_config(dataclasses.replace(short, teacher_epochs=None)))
 
 
