@@ -83,6 +83,10 @@ CONFIGS: dict[str, list[str]] = {
                          "--teacher-init", "--epochs", "1"],
     "fgl-40-kdinit-e2": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "lora", "--lr", "1e-3",
                          "--teacher-init", "--epochs", "2"],
+    # -al: the aligned close schedule (--close-schedule aligned): what closes on the line to the pin is what the
+    # structure the exporter writes drops, so the pin changes little (session 15)
+    "fgl-40-kdinit-al": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "lora", "--lr", "1e-3",
+                         "--teacher-init", "--close-schedule", "aligned"],
     # -ld<w>: and matches the teacher's hidden states layer by layer too, at weight w (--layer-distill; CoFi's layer
     # distillation; the teacher runs beside the student)
     "fgl-60-kdinit-ld1": ["--method", "finegates-lora", "--target-sparsity", "0.6", "--teacher", "lora", "--lr", "1e-3",

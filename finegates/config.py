@@ -64,8 +64,9 @@ class TrainConfig:
     warmup_frac: float = 0.4  # controller: fraction of steps over which the target ramps up from 0
     recovery_frac: float = 0.3  # last fraction of steps with the structure fixed (0 = none)
     # controller: gradual (the closed fraction follows at least a line from 0 at the end of the warmup to the
-    # target at the pin; what the gates have not closed closes, least open first) | at-pin (all of it at the
-    # pin). docs/COMPRESSION.md, "Closing on a schedule"
+    # target at the pin; what the gates have not closed closes, least open first) | aligned (the same line, and
+    # what closes is what the structure the exporter writes at that fraction drops: the pin's aligned plan) |
+    # at-pin (all of it at the pin). docs/COMPRESSION.md, "Closing on a schedule"
     close_schedule: str = "gradual"
     # distillation from a dense teacher finetuned on the same data (trained once, cached)
     teacher: str = "lora"  # lora | full | none (docs/COMPRESSION.md: distillation wins, so it is on)

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 LAYOUTS = ("independent", "coupled")
 PENALTIES = ("controller", "paper", "code")
-CLOSE_SCHEDULES = ("gradual", "at-pin")  # when units close that the controller has not closed in time (TrainConfig)
+CLOSE_SCHEDULES = ("gradual", "aligned", "at-pin")  # when units close that the controller has not closed in time (TrainConfig)
 SLOTS = ("q", "k", "v", "o", "up", "down")  # BERT's slots (a family may have more: Llama's "gate")
 
 
@@ -427,6 +427,34 @@ def _top_mask(values: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _pin_aligned(model: nn.Module, target: float | None, align: int, same_head_dim: bool) -> float:
+    price, keeps = _aligned_keep(model, target, align, same_head_dim)
+    for gates, keep in keeps:
+        _close(gates, ~keep)
+    for g in all_gates(model):
+        g.pin()
+    return price
+
+
+@torch.no_grad()
+def close_aligned(model: nn.Module, target: float, align: int, same_head_dim: bool | None = None) -> bool:
+    """Close the units that the structure the aligned exporter writes at ``target`` drops (the plan of
+    :func:`pin_to_target` with ``align``); reopen nothing and pin nothing, so training goes on around the
+    structure the pin will keep. Returns False (and closes nothing) for a family whose aligned plan is not
+    known here (only BERT's is): the caller closes the least open units instead."""
+    if family_of(model).name != "bert":
+        return False
+    _, keeps = _aligned_keep(model, target, align, align > 1 if same_head_dim is None else same_head_dim)
+    for gates, keep in keeps:
+        for g in gates:
+            if g is not None:
+                g.theta.copy_(torch.where(keep, g.theta, torch.full_like(g.theta, _CLOSED_THETA)))
+    return True
+
+
+def _aligned_keep(model: nn.Module, target: float | None, align: int, same_head_dim: bool
+                  ) -> tuple[float, list[tuple[tuple[Gate | None, ...], torch.Tensor]]]:
+    """The aligned plan at ``target``: the price used and, per pair of gates that must both be open for a unit
+    to survive, the mask of the units it keeps."""
     if align < 1:
         raise ValueError(f"align={align!r} is not valid; accepted: a positive integer")
     n_heads = int(model.config.num_attention_heads)
@@ -442,6 +470,7 @@ def _pin_aligned(model: nn.Module, target: float | None, align: int, same_head_d
             else:
                 lo = mid
         lo = hi
+    keeps = []
     for lg, u in zip(layers, units):
         heads, a, b, n_ffn = _layer_plan(u, lo, align, same_head_dim)
         H, dh = u.v.shape
@@ -450,12 +479,9 @@ def _pin_aligned(model: nn.Module, target: float | None, align: int, same_head_d
         for hh in heads:
             keep_qk[hh] = _top_mask(u.qk[hh], a)
             keep_v[hh] = _top_mask(u.v[hh], b)
-        _close((lg.q.row_gate, lg.k.row_gate), ~keep_qk.flatten())
-        _close((lg.v.row_gate, lg.o.col_gate), ~keep_v.flatten())
-        _close((lg.up.row_gate, lg.down.col_gate), ~_top_mask(u.ffn, n_ffn))
-    for g in all_gates(model):
-        g.pin()
-    return lo
+        keeps += [((lg.q.row_gate, lg.k.row_gate), keep_qk.flatten()), ((lg.v.row_gate, lg.o.col_gate), keep_v.flatten()),
+                  ((lg.up.row_gate, lg.down.col_gate), _top_mask(u.ffn, n_ffn))]
+    return lo, keeps
 
 
 class SparsityController(nn.Module):

@@ -429,8 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="last fraction of steps with the pruned structure fixed and the kept weights training")
     p.add_argument("--close-schedule", default=d.close_schedule,
                    help="controller only: gradual (the closed fraction follows at least a line from 0 at the end of the "
-                   "warmup to the target at the pin; what the gates have not closed closes, least open first) or "
-                   "at-pin (all of it at the pin)")
+                   "warmup to the target at the pin; what the gates have not closed closes, least open first), "
+                   "aligned (the same line; what closes is what the structure the exporter writes at that fraction drops, "
+                   "so that the pin changes little) or at-pin (all of it at the pin)")
     p.add_argument("--teacher", default=d.teacher, help="distil from a dense teacher finetuned on the same data: "
                    "none, lora, full (trained once, cached in --teacher-cache)")
     p.add_argument("--teacher-init", action=argparse.BooleanOptionalAction, default=None,

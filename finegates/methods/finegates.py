@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 #: warn when the controller's expected sparsity at the pin is this far below the target (the pin closes the rest)
 PIN_GAP_WARN = 0.1
+ALIGNED_STEP = 0.005  # close_schedule "aligned": how far the line rises between two aligned plans
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +79,8 @@ class FineGates(Method):
         self.schedule_closed = 0.0  # removed fraction that the schedule closed (the gates had not)
         self.step = 0  # the step the last regularizer call was for
         self.compacted = False  # the recovery trains the pinned-open units only (FineGatesOptions.compact_recovery)
+        self.aligned_floor = 0.0  # close_schedule "aligned": the fraction of the last aligned plan applied
+        self.aligned_family = True  # ... and whether the family has one (else the least open units close)
 
     def penalised(self, cfg: "TrainConfig") -> bool:
         if cfg.penalty == "controller":
@@ -101,7 +104,7 @@ class FineGates(Method):
                                               weight_decay=0.0)
         if cfg.recovery_frac > 0 and self.penalised(cfg):
             self.recovery_start = max(1, int(round((1.0 - cfg.recovery_frac) * total_steps)))
-        if self.controller is not None and cfg.close_schedule == "gradual":
+        if self.controller is not None and cfg.close_schedule in ("gradual", "aligned"):
             self.schedule_start = self.controller.warmup_steps
             self.schedule_end = self.recovery_start or total_steps
         return model
@@ -166,7 +169,9 @@ class FineGates(Method):
         """Gradual closing: the closed fraction of the gated weights rises at least linearly from 0 at the end
         of the controller's warmup to the target at the pin. What the gates have not closed by then closes now,
         the least open units first, so the pin never has much left to close at once (docs/COMPRESSION.md,
-        "Closing on a schedule"). Before the end of the warmup the gates alone choose."""
+        "Closing on a schedule"). Before the end of the warmup the gates alone choose. ``aligned``: what closes is
+        what the structure the aligned exporter writes at that fraction drops (the pin's plan: per layer one head
+        width, widths in multiples of 8), so the pin no longer moves the model to that structure in one step."""
         assert self.cfg is not None and self.schedule_end is not None
         start, end = self.schedule_start, self.schedule_end
         frac = (step >= end) if end <= start else (step - start) / (end - start)
@@ -174,9 +179,16 @@ class FineGates(Method):
         if floor <= 0.0:  # the warmup: nothing to count (on a GPU the count costs a sync)
             return
         closed = gm.closure_sparsity(model, -0.5)
-        if closed < floor:
+        aligned = self.cfg.close_schedule == "aligned" and self.aligned_family
+        # aligned: the structure the pin will export at this fraction, so that the pin has little left to change; the
+        # plan (~0.1 s on a CPU for MiniLM) is made again each time the line has risen by ALIGNED_STEP, and at its end
+        if aligned and (floor - self.aligned_floor >= ALIGNED_STEP
+                        or floor >= self.cfg.target_sparsity > self.aligned_floor):
+            self.aligned_family = aligned = gm.close_aligned(model, floor, DEFAULT_ALIGN)
+            self.aligned_floor = floor
+        if not aligned and closed < floor:
             gm.close_least_open(model, floor)
-            self.schedule_closed += gm.closure_sparsity(model, -0.5) - closed
+        self.schedule_closed += gm.closure_sparsity(model, -0.5) - closed
 
     def exportable(self, model: nn.Module) -> nn.Module:
         if self.compacted:

@@ -324,6 +324,46 @@ def test_the_gradual_schedule_closes_what_the_gates_have_not_least_open_first(sc
     assert all(g.pinned for g in all_gates(m)) and closure_sparsity(m, -0.5) >= 0.5
 
 
+def test_the_aligned_schedule_closes_into_the_structure_the_pin_exports():
+    """With the aligned schedule the closed units follow the line as the aligned exporter counts them (per layer one
+    head width, widths in multiples of 8), never reopening one, so the pin changes few units; the gradual schedule
+    closes the least open units wherever they are, and its pin moves many more (it reshapes heads to one width)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from finegates.config import TrainConfig
+    from finegates.export import build_compressed
+    from finegates.methods import get_method
+
+    def run(schedule):
+        torch.manual_seed(0)
+        m = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=64, num_hidden_layers=2,
+                                                     num_attention_heads=4, intermediate_size=128)).eval()
+        method = get_method("finegates")
+        method.prepare(m, TrainConfig(target_sparsity=0.5, warmup_frac=0.2, recovery_frac=0.5,
+                                      close_schedule=schedule), 40)  # warmup to step 8, the pin at 20
+        with torch.no_grad():
+            for g in all_gates(m):
+                g.theta.uniform_(-0.2, 1.0)  # all open, in no aligned order
+        closed_before = torch.zeros(sum(g.theta.numel() for g in all_gates(m)), dtype=torch.bool)
+        for step in range(20):
+            method.regularizer(m, step)
+            method.after_step()
+            closed = torch.cat([g.closed() for g in all_gates(m)])
+            assert closed[closed_before].all()  # nothing reopens before the pin
+            closed_before = closed
+            if schedule == "aligned":
+                line = 0.5 * max(0, step + 1 - 8) / 12
+                exported = build_compressed(m, align=8)[1].sparsity
+                assert line - 0.005 - 0.07 <= exported  # the last plan's line, within one width step of the export
+        method.regularizer(m, 20)  # the pin
+        moved = int((torch.cat([g.closed() for g in all_gates(m)]) != closed_before).sum())
+        return moved, build_compressed(m, align=8)[1].sparsity
+
+    aligned, gradual = run("aligned"), run("gradual")
+    assert 0.5 <= aligned[1] < 0.57 and 0.5 <= gradual[1] < 0.57  # both export the target
+    assert aligned[0] < gradual[0] / 4, (aligned, gradual)
+
+
 def _gated_tiny_bert(layout="independent"):
     m = _tiny_bert()
     apply_gates(m, layout=layout)
