@@ -459,7 +459,9 @@ def _aligned_keep(model: nn.Module, target: float | None, align: int, same_head_
         raise ValueError(f"align={align!r} is not valid; accepted: a positive integer")
     n_heads = int(model.config.num_attention_heads)
     layers = gated_layers(model)
-    units = [_layer_units(lg, n_heads) for lg in layers]
+    # planned on the CPU: a few thousand numbers, and the plan reads many of them one by one (a sync each on a GPU)
+    units = [_LayerUnits(*(x.detach().float().cpu() for x in (u.qk, u.v, u.ffn)))
+             for u in (_layer_units(lg, n_heads) for lg in layers)]
     lo = 0.0  # price 0: every unit is worth keeping (nothing removed)
     if target is not None and _plan_sparsity(model, units, lo, align, same_head_dim) < target:
         hi = 2.0 + max(float(torch.cat([u.qk.flatten(), u.v.flatten(), u.ffn]).max()) for u in units)
@@ -474,13 +476,15 @@ def _aligned_keep(model: nn.Module, target: float | None, align: int, same_head_
     for lg, u in zip(layers, units):
         heads, a, b, n_ffn = _layer_plan(u, lo, align, same_head_dim)
         H, dh = u.v.shape
-        keep_qk = torch.zeros(H, dh, dtype=torch.bool, device=u.v.device)
-        keep_v = torch.zeros(H, dh, dtype=torch.bool, device=u.v.device)
+        keep_qk = torch.zeros(H, dh, dtype=torch.bool)
+        keep_v = torch.zeros(H, dh, dtype=torch.bool)
         for hh in heads:
             keep_qk[hh] = _top_mask(u.qk[hh], a)
             keep_v[hh] = _top_mask(u.v[hh], b)
-        keeps += [((lg.q.row_gate, lg.k.row_gate), keep_qk.flatten()), ((lg.v.row_gate, lg.o.col_gate), keep_v.flatten()),
-                  ((lg.up.row_gate, lg.down.col_gate), _top_mask(u.ffn, n_ffn))]
+        dev = lg.q.weight.device
+        keeps += [((lg.q.row_gate, lg.k.row_gate), keep_qk.flatten().to(dev)),
+                  ((lg.v.row_gate, lg.o.col_gate), keep_v.flatten().to(dev)),
+                  ((lg.up.row_gate, lg.down.col_gate), _top_mask(u.ffn, n_ffn).to(dev))]
     return lo, keeps
 
 
