@@ -87,6 +87,10 @@ CONFIGS: dict[str, list[str]] = {
     # structure the exporter writes drops, so the pin changes little (session 15)
     "fgl-40-kdinit-al": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "lora", "--lr", "1e-3",
                          "--teacher-init", "--close-schedule", "aligned"],
+    # -dl05: the controller's multipliers at a third of their learning rate (--dual-lr 0.05), against its overshoot
+    # (60% closed for a 40% target on seed 7); the gradual schedule closes what it lags behind
+    "fgl-40-kdinit-dl05": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "lora", "--lr", "1e-3",
+                           "--teacher-init", "--dual-lr", "0.05"],
     # -ld<w>: and matches the teacher's hidden states layer by layer too, at weight w (--layer-distill; CoFi's layer
     # distillation; the teacher runs beside the student)
     "fgl-60-kdinit-ld1": ["--method", "finegates-lora", "--target-sparsity", "0.6", "--teacher", "lora", "--lr", "1e-3",
