@@ -91,6 +91,8 @@ CONFIGS: dict[str, list[str]] = {
     # (60% closed for a 40% target on seed 7); the gradual schedule closes what it lags behind
     "fgl-40-kdinit-dl05": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "lora", "--lr", "1e-3",
                            "--teacher-init", "--dual-lr", "0.05"],
+    "fgl-40-kdinit-al-dl05": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "lora", "--lr",
+                              "1e-3", "--teacher-init", "--close-schedule", "aligned", "--dual-lr", "0.05"],
     # -ld<w>: and matches the teacher's hidden states layer by layer too, at weight w (--layer-distill; CoFi's layer
     # distillation; the teacher runs beside the student)
     "fgl-60-kdinit-ld1": ["--method", "finegates-lora", "--target-sparsity", "0.6", "--teacher", "lora", "--lr", "1e-3",
