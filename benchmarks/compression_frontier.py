@@ -77,8 +77,8 @@ CONFIGS: dict[str, list[str]] = {
     # -a1: distillation only (--distill-alpha 1, no task loss, as CoFi trains): the student keeps to its teacher
     "fgl-40-kdinit-a1": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "lora", "--lr", "1e-3",
                          "--teacher-init", "--distill-alpha", "1"],
-    # -e<n>: the student trains n epochs from its teacher, which trains the protocol's epochs (one_run: --teacher-epochs),
-    # so it is the same teacher as the other rows'; the row's epochs_completed says n
+    # -e<n>: the student trains n epochs from its teacher, which trains the protocol's epochs (train_command passes
+    # --teacher-epochs), so it is the same teacher as the other rows'; the row's epochs_completed says n
     "fgl-40-kdinit-e1": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "lora", "--lr", "1e-3",
                          "--teacher-init", "--epochs", "1"],
     "fgl-40-kdinit-e2": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "lora", "--lr", "1e-3",
@@ -202,7 +202,8 @@ def one_run(a: argparse.Namespace, task: str, name: str, seed: int, cache: str) 
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(Path(out) / "eval_predictions.npz", dest)
     keep = ("score", "sparsity", "speedup", "params_trainable", "train_time_s", "steps", "epochs_completed", "n_train",
-            "n_eval", "device", "precision", "teacher_score", "teacher_train_time_s", "teacher_reused", "gate_sparsity", "trivial_score")
+            "n_eval", "device", "precision", "teacher_score", "teacher_train_time_s", "teacher_reused", "gate_sparsity",
+            "trivial_score")
     row = {"task": task, "config": name, "seed": seed, "wall_s": wall, **{k: r.get(k) for k in keep}}
     # per epoch: the evaluation score and the sparsity reached (gate, expected), for how a run got where it ended
     row["history"] = [{k: h.get(k) for k in ("epoch", "step", "score", "gate_sparsity", "expected_sparsity")}

@@ -37,7 +37,7 @@ def main() -> None:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--method", default="finegates", help="finegates or finegates-lora")
-    p.add_argument("--lr", type=float, default=None, help="default: the method's (finegates 2e-3; finegates-lora: 1e-3)")
+    p.add_argument("--lr", type=float, default=None, help="default: the method's reference lr (finegates 2e-3, finegates-lora 1e-3)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--distill-alpha", type=float, default=None, help="default: TrainConfig's")
     p.add_argument("--seed", type=int, default=1948)
@@ -47,6 +47,7 @@ def main() -> None:
     from finegates import gated_model as gm
     from finegates.config import TrainConfig
     from finegates.export import build_compressed
+    from finegates.methods import get_method_class
     from finegates.train import _collator, load_base, predict, resolve_model, run
     from tasks import compute_metrics, get_task, load_task_data
 
@@ -54,12 +55,12 @@ def main() -> None:
     tok, _ = load_base(resolve_model(None), task.num_labels, task.label_names)
     rows = []
     for lr in [float(x) for x in a.dual_lrs.split(",")]:
-        extra = {k: v for k, v in (("lr", a.lr if a.lr is not None else 1e-3 if a.method == "finegates-lora" else None),
-                                   ("distill_alpha", a.distill_alpha)) if v is not None}
+        extra = {"distill_alpha": a.distill_alpha} if a.distill_alpha is not None else {}
         cfg = TrainConfig(task=a.task, dual_lr=lr, target_sparsity=a.target, max_train=a.max_train,
                           batch_size=a.batch_size, epochs=a.epochs, teacher=a.teacher, teacher_cache=a.teacher_cache,
                           data_dir=a.data_dir, threads=a.threads, method=a.method, seed=a.seed,
-                          teacher_init=a.teacher != "none" and not a.no_teacher_init, **extra)
+                          teacher_init=a.teacher != "none" and not a.no_teacher_init,
+                          lr=a.lr if a.lr is not None else get_method_class(a.method).reference["lr"], **extra)
         data = load_task_data(task, tok, data_dir=cfg.data_dir, max_train=cfg.max_train, max_eval=None,
                               seed=cfg.subset_seed, max_length=cfg.max_length, tokenize_train=False)
         loader = DataLoader(data.eval, batch_size=64, collate_fn=_collator(tok))

@@ -42,6 +42,7 @@ def test_a_shorter_student_trains_from_the_protocols_teacher():
 
     short, lora = cfg("fgl-40-kdinit-e1"), cfg("lora")
     assert (short.epochs, short.teacher_epochs, lora.epochs, lora.teacher_epochs) == (1.0, 3.0, 3.0, None)
+
     def key(t):  # what names a teacher in the cache (its data rows aside: the same task, subset and seed here)
         return teacher_key(t, "model", [])
 
