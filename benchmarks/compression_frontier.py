@@ -93,6 +93,12 @@ CONFIGS: dict[str, list[str]] = {
                            "--teacher-init", "--dual-lr", "0.05"],
     "fgl-40-kdinit-al-dl05": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "lora", "--lr",
                               "1e-3", "--teacher-init", "--close-schedule", "aligned", "--dual-lr", "0.05"],
+    # -dr: the controller's linear multiplier restarts from 0 when the expected sparsity crosses the target
+    # (--dual-reset crossing): the lag it summed during the ramp no longer carries the gates past it (session 16)
+    "fgl-40-kdinit-dr": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "lora", "--lr", "1e-3",
+                         "--teacher-init", "--dual-reset", "crossing"],
+    "fgl-40-kdinit-al-dr": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "lora", "--lr",
+                            "1e-3", "--teacher-init", "--close-schedule", "aligned", "--dual-reset", "crossing"],
     # -ld<w>: and matches the teacher's hidden states layer by layer too, at weight w (--layer-distill; CoFi's layer
     # distillation; the teacher runs beside the student)
     "fgl-60-kdinit-ld1": ["--method", "finegates-lora", "--target-sparsity", "0.6", "--teacher", "lora", "--lr", "1e-3",

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from finegates.errors import ConfigError
-from finegates.gated_model import CLOSE_SCHEDULES, LAYOUTS, PENALTIES
+from finegates.gated_model import CLOSE_SCHEDULES, DUAL_RESETS, LAYOUTS, PENALTIES
 from finegates.gates import GATE_INITS
 
 
@@ -61,6 +61,9 @@ class TrainConfig:
     head_lr: float | None = None  # the classification head's own learning rate (None: the method's lr)
     gate_lr: float = 5e-2  # gate learning rate
     dual_lr: float = 0.15  # controller: learning rate of its multipliers (docs/COMPRESSION.md)
+    # controller: none | crossing (the linear multiplier restarts from 0 each time the expected sparsity crosses the
+    # target, so the lag it summed during the ramp does not carry the gates past the target; docs/COMPRESSION.md)
+    dual_reset: str = "none"
     warmup_frac: float = 0.4  # controller: fraction of steps over which the target ramps up from 0
     recovery_frac: float = 0.3  # last fraction of steps with the structure fixed (0 = none)
     # controller: gradual (the closed fraction follows at least a line from 0 at the end of the warmup to the
@@ -129,6 +132,8 @@ class TrainConfig:
             raise bad("penalty", self.penalty, ", ".join(PENALTIES))
         if self.layout not in LAYOUTS:
             raise bad("layout", self.layout, ", ".join(LAYOUTS))
+        if self.dual_reset not in DUAL_RESETS:
+            raise bad("dual_reset", self.dual_reset, ", ".join(DUAL_RESETS))
         if self.close_schedule not in CLOSE_SCHEDULES:
             raise bad("close_schedule", self.close_schedule, ", ".join(CLOSE_SCHEDULES))
         if not finite(self.target_sparsity) or not 0 <= self.target_sparsity < 1:

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 LAYOUTS = ("independent", "coupled")
 PENALTIES = ("controller", "paper", "code")
 CLOSE_SCHEDULES = ("gradual", "aligned", "at-pin")  # when units close that the controller has not closed in time (TrainConfig)
+DUAL_RESETS = ("none", "crossing")  # controller: when its linear multiplier restarts from 0 (TrainConfig.dual_reset)
 SLOTS = ("q", "k", "v", "o", "up", "down")  # BERT's slots (a family may have more: Llama's "gate")
 
 
@@ -494,6 +495,10 @@ class SparsityController(nn.Module):
     ``loss = l1 (s_hat - t) + l2 (s_hat - t)^2``; the gates minimise it, ``l1`` and ``l2`` maximise it
     (their own optimiser with a negative learning rate). ``t`` ramps linearly from 0 to the target over
     ``warmup_steps``.
+
+    The gates settle where ``d = s_hat - t = -l1 / (2 l2)``, so ``l1`` keeps the sum of the lag it saw (integral
+    wind-up): after a long lag behind the ramp it holds the gates well past the target. ``crossed`` tells when
+    ``d`` changed sign since the last forward, the moment to restart ``l1`` (``FineGates``'s ``dual_reset``).
     """
 
     def __init__(self, target: float, warmup_steps: int) -> None:
@@ -502,6 +507,8 @@ class SparsityController(nn.Module):
         self.warmup_steps = max(int(warmup_steps), 0)
         self.l1 = nn.Parameter(torch.zeros(()))
         self.l2 = nn.Parameter(torch.zeros(()))
+        self.last_d: torch.Tensor | None = None  # s_hat - t at the last forward ...
+        self.sign = 0.0  # ... and its sign at the last ``crossed`` call (0: none yet)
 
     def current_target(self, step: int) -> float:
         if self.warmup_steps == 0:
@@ -510,7 +517,24 @@ class SparsityController(nn.Module):
 
     def forward(self, s_hat: torch.Tensor, step: int) -> torch.Tensor:
         d = s_hat - self.current_target(step)
+        self.last_d = d.detach()
         return self.l1 * d + self.l2 * d * d
+
+    def crossed(self) -> bool:
+        """Whether ``s_hat - t`` changed sign between the forwards of the last two calls (one sync on a GPU)."""
+        if self.last_d is None:
+            return False
+        d = float(self.last_d)
+        sign = (d > 0) - (d < 0)
+        out = sign != 0 and self.sign != 0 and sign != self.sign
+        self.sign = sign or self.sign
+        return out
+
+    @torch.no_grad()
+    def restart_l1(self, opt: torch.optim.Optimizer) -> None:
+        """``l1 = 0`` and a fresh optimiser state for it: the lag it summed no longer pushes the gates."""
+        self.l1.zero_()
+        opt.state.pop(self.l1, None)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -271,6 +271,8 @@ CASES = [
      ["layer_distill=1.0 is invalid; accepted: 0 without a teacher (--teacher none), or a teacher"], 2),
     ("train-teacher-epochs-zero", "finegates.train", lambda f, t: TRAIN + ["--teacher-epochs", "0"],
      ["teacher_epochs=0.0 is invalid; accepted: a number > 0, or none for the student's epochs"], 2),
+    ("train-dual-reset-unknown", "finegates.train", lambda f, t: TRAIN + ["--dual-reset", "sometimes"],
+     ["dual_reset='sometimes' is invalid; accepted: none, crossing"], 2),
     ("train-two-problems", "finegates.train", lambda f, t: TRAIN + ["--data-dir", f.data["truncated"], "--model",
                                                                     f.model["distilbert"]],
      ["task 'rte': cannot read", "model type 'distilbert'"], 2),

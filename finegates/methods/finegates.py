@@ -81,6 +81,7 @@ class FineGates(Method):
         self.compacted = False  # the recovery trains the pinned-open units only (FineGatesOptions.compact_recovery)
         self.aligned_floor = 0.0  # close_schedule "aligned": the fraction of the last aligned plan applied
         self.aligned_family = True  # ... and whether the family has one (else the least open units close)
+        self.dual_resets = 0  # dual_reset "crossing": how many times l1 restarted
 
     def penalised(self, cfg: "TrainConfig") -> bool:
         if cfg.penalty == "controller":
@@ -158,6 +159,10 @@ class FineGates(Method):
         if self.dual_opt is not None and self.pinned_at is None:
             self.dual_opt.step()
             self.dual_opt.zero_grad(set_to_none=True)
+            assert self.controller is not None and self.cfg is not None
+            if self.cfg.dual_reset == "crossing" and self.controller.crossed():
+                self.controller.restart_l1(self.dual_opt)
+                self.dual_resets += 1
         if self.schedule_end is not None and self.pinned_at is None and self.model is not None:
             self._close_on_schedule(self.model, self.step + 1)
         if self.pinned_at is not None and self.model is not None:
@@ -204,6 +209,8 @@ class FineGates(Method):
             out["gate_mu_mean"] = float(mus.mean())
         if self.controller is not None:
             out["lagrange_l1"] = float(self.controller.l1.detach())
+            if self.cfg is not None and self.cfg.dual_reset != "none":
+                out["dual_resets"] = self.dual_resets
         if self.pinned_at is not None:
             out["pinned_at_step"] = self.pinned_at
         if self.expected_at_pin is not None:

@@ -324,6 +324,42 @@ def test_the_gradual_schedule_closes_what_the_gates_have_not_least_open_first(sc
     assert all(g.pinned for g in all_gates(m)) and closure_sparsity(m, -0.5) >= 0.5
 
 
+@pytest.mark.parametrize("reset", ["none", "crossing"])
+def test_a_restarted_multiplier_holds_the_gates_near_the_target_after_a_lagging_ramp(reset):
+    """The gates follow the controller alone (no task loss, no schedule, no pin). They lag behind the ramp, so l1
+    sums that lag; without a restart it then holds them far past the target (integral wind-up). With
+    ``dual_reset="crossing"`` l1 and its optimiser state restart from 0 each time the expected sparsity crosses the
+    target, and the gates stay near it."""
+    from finegates.config import TrainConfig
+    from finegates.methods import get_method
+
+    torch.manual_seed(0)
+    m = _tiny_bert()
+    method = get_method("finegates")
+    cfg = TrainConfig(target_sparsity=0.4, warmup_frac=0.3, recovery_frac=0.0, close_schedule="at-pin",
+                      dual_reset=reset)
+    method.prepare(m, cfg, 120)
+    opt = torch.optim.AdamW(method.param_groups(m, cfg)[:1])  # the gates' group, at the gate lr
+    path = []
+    for step in range(120):
+        resets = method.dual_resets
+        method.regularizer(m, step).backward()
+        opt.step()
+        opt.zero_grad()
+        method.after_step()
+        if method.dual_resets > resets:  # restarted after this step's multiplier update
+            assert float(method.controller.l1.detach()) == 0.0 and method.controller.l1 not in method.dual_opt.state
+        path.append(float(expected_sparsity(m).detach()))
+    after_ramp = path[36:]
+    if reset == "none":
+        assert method.dual_resets == 0 and "dual_resets" not in method.metrics(m)
+        assert max(after_ramp) > 0.7  # wind-up: the gates are held near twice the target
+    else:
+        assert method.metrics(m)["dual_resets"] == method.dual_resets >= 2
+        assert max(after_ramp) < 0.55  # past the target by less than 0.15
+        assert abs(sum(path[-40:]) / 40 - 0.4) < 0.05  # and around it at the end
+
+
 def test_the_aligned_schedule_closes_into_the_structure_the_pin_exports():
     """With the aligned schedule the closed units follow the line as the aligned exporter counts them (per layer one
     head width, widths in multiples of 8), never reopening one, so the pin changes few units; the gradual schedule
