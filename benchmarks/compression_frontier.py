@@ -94,8 +94,11 @@ CONFIGS: dict[str, list[str]] = {
     "fgl-40-kdinit-al-dl05": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "lora", "--lr",
                               "1e-3", "--teacher-init", "--close-schedule", "aligned", "--dual-lr", "0.05"],
     # -dr: the controller's linear multiplier restarts from 0 when the expected sparsity crosses the target
-    # (--dual-reset crossing): the lag it summed during the ramp no longer carries the gates past it (session 16)
+    # (--dual-reset crossing, the default since session 16): the lag it summed during the ramp no longer carries the
+    # gates past it
     "fgl-40-kdinit-dr": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "lora", "--lr", "1e-3",
+                         "--teacher-init", "--dual-reset", "crossing"],
+    "fgl-60-kdinit-dr": ["--method", "finegates-lora", "--target-sparsity", "0.6", "--teacher", "lora", "--lr", "1e-3",
                          "--teacher-init", "--dual-reset", "crossing"],
     "fgl-40-kdinit-al-dr": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "lora", "--lr",
                             "1e-3", "--teacher-init", "--close-schedule", "aligned", "--dual-reset", "crossing"],
@@ -120,6 +123,14 @@ CONFIGS: dict[str, list[str]] = {
 for _flags in CONFIGS.values():
     if "--teacher" in _flags and _flags[_flags.index("--teacher") + 1] != "none" and "--teacher-init" not in _flags:
         _flags.append("--no-teacher-init")
+
+# Since session 16 the controller restarts its linear multiplier when the expected sparsity crosses the target
+# (--dual-reset crossing, the default): the FineGates configs that do not say -dr run without it, as they did when
+# their rows were measured.
+for _flags in CONFIGS.values():
+    if ("--method" not in _flags or _flags[_flags.index("--method") + 1].startswith("finegates")) \
+            and "--dual-reset" not in _flags:
+        _flags += ["--dual-reset", "none"]
 
 TEACHER_LABEL = {"lora": "LoRA r8, lr 1e-3", "full": "full finetuning, lr 5e-5"}
 # dense configs whose run is exactly the task's teacher of that kind (same data, seed, method, lr, rank): given the

@@ -61,9 +61,10 @@ class TrainConfig:
     head_lr: float | None = None  # the classification head's own learning rate (None: the method's lr)
     gate_lr: float = 5e-2  # gate learning rate
     dual_lr: float = 0.15  # controller: learning rate of its multipliers (docs/COMPRESSION.md)
-    # controller: none | crossing (the linear multiplier restarts from 0 each time the expected sparsity crosses the
-    # target, so the lag it summed during the ramp does not carry the gates past the target; docs/COMPRESSION.md)
-    dual_reset: str = "none"
+    # controller: crossing (the linear multiplier restarts from 0 each time the expected sparsity crosses the target,
+    # so the lag it summed during the ramp does not carry the gates past the target) | none (before session 16).
+    # docs/COMPRESSION.md, "A controller that restarts its multiplier"
+    dual_reset: str = "crossing"
     warmup_frac: float = 0.4  # controller: fraction of steps over which the target ramps up from 0
     recovery_frac: float = 0.3  # last fraction of steps with the structure fixed (0 = none)
     # controller: gradual (the closed fraction follows at least a line from 0 at the end of the warmup to the

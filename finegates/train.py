@@ -424,9 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gate-lr", type=float, default=d.gate_lr, help="learning rate of the gates")
     p.add_argument("--dual-lr", type=float, default=d.dual_lr, help="learning rate of the controller's multipliers "
                    "(how fast the expected sparsity follows the target)")
-    p.add_argument("--dual-reset", default=d.dual_reset, help="controller: none, or crossing (its linear multiplier "
-                   "restarts from 0 each time the expected sparsity crosses the target: no overshoot from the lag "
-                   "summed during the ramp)")
+    p.add_argument("--dual-reset", default=d.dual_reset, help="controller: crossing (its linear multiplier restarts "
+                   "from 0 each time the expected sparsity crosses the target: no overshoot from the lag summed during "
+                   "the ramp) or none (the multiplier keeps that lag)")
     p.add_argument("--warmup-frac", type=float, default=d.warmup_frac, help="controller target ramp, fraction of steps")
     p.add_argument("--recovery-frac", type=float, default=d.recovery_frac,
                    help="last fraction of steps with the pruned structure fixed and the kept weights training")
