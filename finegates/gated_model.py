@@ -508,7 +508,7 @@ class SparsityController(nn.Module):
         self.l1 = nn.Parameter(torch.zeros(()))
         self.l2 = nn.Parameter(torch.zeros(()))
         self.last_d: torch.Tensor | None = None  # s_hat - t at the last forward ...
-        self.sign = 0.0  # ... and its sign at the last ``crossed`` call (0: none yet)
+        self.sign = 0  # ... and its sign at the last ``crossed`` call (0: none yet)
 
     def current_target(self, step: int) -> float:
         if self.warmup_steps == 0:
