@@ -67,10 +67,10 @@ def main() -> None:
     from finegates.gated_model import DUAL_RESETS
 
     resets = [r.strip() for r in a.resets.split(",") if r.strip()]
-    bad = [r for r in resets if r not in DUAL_RESETS]
-    if bad or not resets or a.every < 1:
-        p.error(f"--resets {a.resets!r} / --every {a.every} is invalid; accepted: a comma list of "
-                f"{', '.join(DUAL_RESETS)}, and an integer >= 1")
+    if not resets or any(r not in DUAL_RESETS for r in resets):
+        p.error(f"--resets {a.resets!r} is invalid; accepted: a comma list of {', '.join(DUAL_RESETS)}")
+    if a.every < 1:
+        p.error(f"--every {a.every} is invalid; accepted: an integer >= 1")
     results = {}
     sink = open(a.jsonl, "w") if a.jsonl else None
     try:
