@@ -87,21 +87,6 @@ CONFIGS: dict[str, list[str]] = {
     # structure the exporter writes drops, so the pin changes little (session 15)
     "fgl-40-kdinit-al": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "lora", "--lr", "1e-3",
                          "--teacher-init", "--close-schedule", "aligned"],
-    # -dl05: the controller's multipliers at a third of their learning rate (--dual-lr 0.05), against its overshoot
-    # (60% closed for a 40% target on seed 7); the gradual schedule closes what it lags behind
-    "fgl-40-kdinit-dl05": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "lora", "--lr", "1e-3",
-                           "--teacher-init", "--dual-lr", "0.05"],
-    "fgl-40-kdinit-al-dl05": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "lora", "--lr",
-                              "1e-3", "--teacher-init", "--close-schedule", "aligned", "--dual-lr", "0.05"],
-    # -dr: the controller's linear multiplier restarts from 0 when the expected sparsity crosses the target
-    # (--dual-reset crossing, the default since session 16): the lag it summed during the ramp no longer carries the
-    # gates past it
-    "fgl-40-kdinit-dr": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "lora", "--lr", "1e-3",
-                         "--teacher-init", "--dual-reset", "crossing"],
-    "fgl-60-kdinit-dr": ["--method", "finegates-lora", "--target-sparsity", "0.6", "--teacher", "lora", "--lr", "1e-3",
-                         "--teacher-init", "--dual-reset", "crossing"],
-    "fgl-40-kdinit-al-dr": ["--method", "finegates-lora", "--target-sparsity", "0.4", "--teacher", "lora", "--lr",
-                            "1e-3", "--teacher-init", "--close-schedule", "aligned", "--dual-reset", "crossing"],
     # -ld<w>: and matches the teacher's hidden states layer by layer too, at weight w (--layer-distill; CoFi's layer
     # distillation; the teacher runs beside the student)
     "fgl-60-kdinit-ld1": ["--method", "finegates-lora", "--target-sparsity", "0.6", "--teacher", "lora", "--lr", "1e-3",
@@ -117,6 +102,17 @@ CONFIGS: dict[str, list[str]] = {
                     "--option", 'lora_slots=["q","v"]'],
 }
 
+# variants named <base>-<variant>: the base config's flags, then the variant's.
+# -dl05: the controller's multipliers at a third of their learning rate (--dual-lr 0.05), against its overshoot
+# (60% closed for a 40% target on seed 7); the gradual schedule closes what it lags behind (session 15).
+# -dr: the controller's linear multiplier restarts from 0 when the expected sparsity crosses the target
+# (--dual-reset crossing, the default since session 16): the lag it summed during the ramp no longer carries the
+# gates past it.
+_VARIANT_FLAGS = {"dl05": ["--dual-lr", "0.05"], "dr": ["--dual-reset", "crossing"]}
+for _name in ("fgl-40-kdinit-dl05", "fgl-40-kdinit-al-dl05", "fgl-40-kdinit-dr", "fgl-60-kdinit-dr",
+              "fgl-40-kdinit-al-dr"):
+    _base, _, _variant = _name.rpartition("-")
+    CONFIGS[_name] = [*CONFIGS[_base], *_VARIANT_FLAGS[_variant]]
 
 # Since session 13 a distilled student starts from its teacher (--teacher-init, the default): the configs that
 # do not say -kdinit start from the pretrained model, as they did when their rows were measured.
