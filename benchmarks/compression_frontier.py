@@ -108,9 +108,11 @@ CONFIGS: dict[str, list[str]] = {
 # -dr: the controller's linear multiplier restarts from 0 when the expected sparsity crosses the target
 # (--dual-reset crossing, the default since session 16): the lag it summed during the ramp no longer carries the
 # gates past it.
-_VARIANT_FLAGS = {"dl05": ["--dual-lr", "0.05"], "dr": ["--dual-reset", "crossing"]}
+# -dl5: with the restart, the multipliers at 0.5 (--dual-lr 0.5): the gates follow the ramp and reach the target
+# before the pin instead of lagging behind it (session 17).
+_VARIANT_FLAGS = {"dl05": ["--dual-lr", "0.05"], "dr": ["--dual-reset", "crossing"], "dl5": ["--dual-lr", "0.5"]}
 for _name in ("fgl-40-kdinit-dl05", "fgl-40-kdinit-al-dl05", "fgl-40-kdinit-dr", "fgl-60-kdinit-dr",
-              "fgl-40-kdinit-al-dr"):
+              "fgl-40-kdinit-al-dr", "fgl-40-kdinit-dr-dl5", "fgl-60-kdinit-dr-dl5"):
     _base, _, _variant = _name.rpartition("-")
     CONFIGS[_name] = [*CONFIGS[_base], *_VARIANT_FLAGS[_variant]]
 
