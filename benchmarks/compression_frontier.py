@@ -108,8 +108,8 @@ CONFIGS: dict[str, list[str]] = {
 # -dr: the controller's linear multiplier restarts from 0 when the expected sparsity crosses the target
 # (--dual-reset crossing, the default since session 16): the lag it summed during the ramp no longer carries the
 # gates past it.
-# -dl5: with the restart, the multipliers at 0.5 (--dual-lr 0.5): the gates follow the ramp and reach the target
-# before the pin instead of lagging behind it (session 17).
+# -dl5: with the restart, the multipliers at 0.5 (--dual-lr 0.5, the default since session 17): the gates follow the
+# ramp and reach the target before the pin instead of lagging behind it.
 _VARIANT_FLAGS = {"dl05": ["--dual-lr", "0.05"], "dr": ["--dual-reset", "crossing"], "dl5": ["--dual-lr", "0.5"]}
 for _name in ("fgl-40-kdinit-dl05", "fgl-40-kdinit-al-dl05", "fgl-40-kdinit-dr", "fgl-60-kdinit-dr",
               "fgl-40-kdinit-al-dr", "fgl-40-kdinit-dr-dl5", "fgl-60-kdinit-dr-dl5"):
@@ -129,6 +129,13 @@ for _flags in CONFIGS.values():
     if ("--method" not in _flags or _flags[_flags.index("--method") + 1].startswith("finegates")) \
             and "--dual-reset" not in _flags:
         _flags += ["--dual-reset", "none"]
+
+# Since session 17 the controller's multipliers learn at 0.5 (--dual-lr, was 0.15): the FineGates configs that do not
+# say -dl<x> run at 0.15, as they did when their rows were measured.
+for _flags in CONFIGS.values():
+    if ("--method" not in _flags or _flags[_flags.index("--method") + 1].startswith("finegates")) \
+            and "--dual-lr" not in _flags:
+        _flags += ["--dual-lr", "0.15"]
 
 TEACHER_LABEL = {"lora": "LoRA r8, lr 1e-3", "full": "full finetuning, lr 5e-5"}
 # dense configs whose run is exactly the task's teacher of that kind (same data, seed, method, lr, rank): given the
@@ -166,9 +173,9 @@ for _m in ("gift-sw", "sparta", "propulsion", "bitfit"):
 
 PROTOCOLS = {
     "gpu": dict(tasks="sst2,mrpc,rte,stsb,cola,qnli,mnli", max_train=10000, epochs=3, batch_size=32, max_length=128,
-                jobs=6, threads=2, configs="full,lora,fg-0-kdinit,fg-40-kdinit,fg-60-kdinit,fgl-40-kdinit"),
+                jobs=6, threads=2, configs="full,lora,fg-0-kdinit,fg-40-kdinit,fg-60-kdinit,fgl-40-kdinit-dr-dl5"),
     "cpu": dict(tasks="sst2,mrpc,stsb,qnli", max_train=2000, epochs=3, batch_size=32, max_length=128,
-                jobs=2, threads=1, configs="lora,fg-0-kdinit,fg-40-kdinit,fgl-40-kdinit,fg-60-kdinit,full"),
+                jobs=2, threads=1, configs="lora,fg-0-kdinit,fg-40-kdinit,fgl-40-kdinit-dr-dl5,fg-60-kdinit,full"),
     "smoke": dict(tasks="sst2,stsb", max_train=64, epochs=1, batch_size=16, max_length=48,
                   jobs=2, threads=1, configs="lora,fg-0,fg-40-kdinit"),
 }

@@ -337,7 +337,7 @@ def test_a_restarted_multiplier_holds_the_gates_near_the_target_after_a_lagging_
     m = _tiny_bert()
     method = get_method("finegates")
     cfg = TrainConfig(target_sparsity=0.4, warmup_frac=0.3, recovery_frac=0.0, close_schedule="at-pin",
-                      dual_reset=reset)
+                      dual_reset=reset, dual_lr=0.15)  # the lr of sessions 4-16, at which the gates lag the ramp here
     method.prepare(m, cfg, 120)
     opt = torch.optim.AdamW(method.param_groups(m, cfg)[:1])  # the gates' group, at the gate lr
     path = []
