@@ -122,20 +122,16 @@ for _flags in CONFIGS.values():
     if "--teacher" in _flags and _flags[_flags.index("--teacher") + 1] != "none" and "--teacher-init" not in _flags:
         _flags.append("--no-teacher-init")
 
-# Since session 16 the controller restarts its linear multiplier when the expected sparsity crosses the target
-# (--dual-reset crossing, the default): the FineGates configs that do not say -dr run without it, as they did when
-# their rows were measured.
+# Controller defaults that changed after rows were measured: the FineGates configs that do not set the flag run at the
+# value before, as they did when their rows were measured. Since session 16 the linear multiplier restarts when the
+# expected sparsity crosses the target (--dual-reset crossing; configs without -dr: none); since session 17 the
+# multipliers learn at 0.5 (--dual-lr; configs without -dl<x>: 0.15).
+_CONTROLLER_BEFORE = (("--dual-reset", "none"), ("--dual-lr", "0.15"))
 for _flags in CONFIGS.values():
-    if ("--method" not in _flags or _flags[_flags.index("--method") + 1].startswith("finegates")) \
-            and "--dual-reset" not in _flags:
-        _flags += ["--dual-reset", "none"]
-
-# Since session 17 the controller's multipliers learn at 0.5 (--dual-lr, was 0.15): the FineGates configs that do not
-# say -dl<x> run at 0.15, as they did when their rows were measured.
-for _flags in CONFIGS.values():
-    if ("--method" not in _flags or _flags[_flags.index("--method") + 1].startswith("finegates")) \
-            and "--dual-lr" not in _flags:
-        _flags += ["--dual-lr", "0.15"]
+    if "--method" not in _flags or _flags[_flags.index("--method") + 1].startswith("finegates"):
+        for _flag, _before in _CONTROLLER_BEFORE:
+            if _flag not in _flags:
+                _flags += [_flag, _before]
 
 TEACHER_LABEL = {"lora": "LoRA r8, lr 1e-3", "full": "full finetuning, lr 5e-5"}
 # dense configs whose run is exactly the task's teacher of that kind (same data, seed, method, lr, rank): given the

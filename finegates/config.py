@@ -60,8 +60,9 @@ class TrainConfig:
     lr: float = 2e-3  # head (and LoRA) learning rate
     head_lr: float | None = None  # the classification head's own learning rate (None: the method's lr)
     gate_lr: float = 5e-2  # gate learning rate
-    # controller: learning rate of its multipliers. 0.5 since session 17: with the restart below, a faster controller
-    # brings the gates to the target before the pin and the restart holds them near it (docs/COMPRESSION.md, "A faster controller")
+    # controller: learning rate of its multipliers. 0.5 since session 17 (0.15 before): a faster controller brings the
+    # gates to the target before the pin, and the restart below holds them near it (docs/COMPRESSION.md, "A faster
+    # controller")
     dual_lr: float = 0.5
     # controller: crossing (the linear multiplier restarts from 0 each time the expected sparsity crosses the target,
     # so the lag it summed during the ramp does not carry the gates past the target) | none (before session 16).
