@@ -110,9 +110,13 @@ CONFIGS: dict[str, list[str]] = {
 # gates past it.
 # -dl5: with the restart, the multipliers at 0.5 (--dual-lr 0.5, the default since session 17): the gates follow the
 # ramp and reach the target before the pin instead of lagging behind it.
-_VARIANT_FLAGS = {"dl05": ["--dual-lr", "0.05"], "dr": ["--dual-reset", "crossing"], "dl5": ["--dual-lr", "0.5"]}
+# -ra: the recovery anneals: every learning rate decays linearly to 0 from the pin to the last step
+# (--recovery-lr linear; constant before), against the points a 40% or 60% run lost in its recovery (session 18).
+_VARIANT_FLAGS = {"dl05": ["--dual-lr", "0.05"], "dr": ["--dual-reset", "crossing"], "dl5": ["--dual-lr", "0.5"],
+                  "ra": ["--recovery-lr", "linear"]}
 for _name in ("fgl-40-kdinit-dl05", "fgl-40-kdinit-al-dl05", "fgl-40-kdinit-dr", "fgl-60-kdinit-dr",
-              "fgl-40-kdinit-al-dr", "fgl-40-kdinit-dr-dl5", "fgl-60-kdinit-dr-dl5"):
+              "fgl-40-kdinit-al-dr", "fgl-40-kdinit-dr-dl5", "fgl-60-kdinit-dr-dl5", "fgl-40-kdinit-dr-dl5-ra",
+              "fgl-60-kdinit-dr-dl5-ra"):
     _base, _, _variant = _name.rpartition("-")
     CONFIGS[_name] = [*CONFIGS[_base], *_VARIANT_FLAGS[_variant]]
 

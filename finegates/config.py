@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from finegates.errors import ConfigError
-from finegates.gated_model import CLOSE_SCHEDULES, DUAL_RESETS, LAYOUTS, PENALTIES
+from finegates.gated_model import CLOSE_SCHEDULES, DUAL_RESETS, LAYOUTS, PENALTIES, RECOVERY_LRS
 from finegates.gates import GATE_INITS
 
 
@@ -70,6 +70,9 @@ class TrainConfig:
     dual_reset: str = "crossing"
     warmup_frac: float = 0.4  # controller: fraction of steps over which the target ramps up from 0
     recovery_frac: float = 0.3  # last fraction of steps with the structure fixed (0 = none)
+    # the learning rates during the recovery: constant (those of the run) | linear (every one decays linearly from its
+    # value at the pin to 0 at the last step). docs/COMPRESSION.md, "A recovery that anneals"
+    recovery_lr: str = "constant"
     # controller: gradual (the closed fraction follows at least a line from 0 at the end of the warmup to the
     # target at the pin; what the gates have not closed closes, least open first) | aligned (the same line, and
     # what closes is what the structure the exporter writes at that fraction drops: the pin's aligned plan) |
@@ -138,6 +141,8 @@ class TrainConfig:
             raise bad("layout", self.layout, ", ".join(LAYOUTS))
         if self.dual_reset not in DUAL_RESETS:
             raise bad("dual_reset", self.dual_reset, ", ".join(DUAL_RESETS))
+        if self.recovery_lr not in RECOVERY_LRS:
+            raise bad("recovery_lr", self.recovery_lr, ", ".join(RECOVERY_LRS))
         if self.close_schedule not in CLOSE_SCHEDULES:
             raise bad("close_schedule", self.close_schedule, ", ".join(CLOSE_SCHEDULES))
         if not finite(self.target_sparsity) or not 0 <= self.target_sparsity < 1:

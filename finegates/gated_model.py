@@ -32,6 +32,7 @@ LAYOUTS = ("independent", "coupled")
 PENALTIES = ("controller", "paper", "code")
 CLOSE_SCHEDULES = ("gradual", "aligned", "at-pin")  # when units close that the controller has not closed in time (TrainConfig)
 DUAL_RESETS = ("none", "crossing")  # controller: when its linear multiplier restarts from 0 (TrainConfig.dual_reset)
+RECOVERY_LRS = ("constant", "linear")  # the learning rates during the recovery (TrainConfig.recovery_lr)
 SLOTS = ("q", "k", "v", "o", "up", "down")  # BERT's slots (a family may have more: Llama's "gate")
 
 

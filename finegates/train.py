@@ -253,6 +253,7 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool 
     if cfg.head_lr is not None:
         groups = with_head_lr(groups, model, head_modules, cfg.head_lr, cfg.weight_decay)
     opt = torch.optim.AdamW(groups)
+    base_lrs = [g["lr"] for g in opt.param_groups]  # the method's lr_factor scales these (e.g. an annealed recovery)
     model, opt, train_loader = acc.prepare(model, opt, train_loader)
     device = acc.device
     if layer_teacher is not None:
@@ -289,6 +290,9 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool 
             if not torch.isfinite(total):
                 raise TrainingDiverged(f"loss became {float(total)} at step {step} (lr={cfg.lr}, gate_lr={cfg.gate_lr})")
             acc.backward(total)
+            factor = method.lr_factor(step)
+            for g, base in zip(opt.param_groups, base_lrs):
+                g["lr"] = base * factor
             opt.step()
             opt.zero_grad(set_to_none=True)
             method.after_step()
@@ -430,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-frac", type=float, default=d.warmup_frac, help="controller target ramp, fraction of steps")
     p.add_argument("--recovery-frac", type=float, default=d.recovery_frac,
                    help="last fraction of steps with the pruned structure fixed and the kept weights training")
+    p.add_argument("--recovery-lr", default=d.recovery_lr, help="the learning rates during the recovery: constant "
+                   "(those of the run) or linear (each decays linearly from its value at the pin to 0 at the last step)")
     p.add_argument("--close-schedule", default=d.close_schedule,
                    help="controller only: gradual (the closed fraction follows at least a line from 0 at the end of the "
                    "warmup to the target at the pin; what the gates have not closed closes, least open first), "

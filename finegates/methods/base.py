@@ -127,6 +127,11 @@ class Method(ABC):
     def regularizer(self, model: nn.Module, step: int) -> torch.Tensor | None:
         return None
 
+    def lr_factor(self, step: int) -> float:
+        """The factor on every optimiser group's learning rate at ``step`` (0-based, the step about to be taken):
+        1 by default (constant learning rates)."""
+        return 1.0
+
     def after_step(self) -> None:
         """Called after the main optimiser step (e.g. to step a dual optimiser)."""
 

@@ -71,6 +71,7 @@ class FineGates(Method):
         self.dual_opt: torch.optim.Optimizer | None = None
         self.cfg: TrainConfig | None = None
         self.model: nn.Module | None = None
+        self.total_steps = 0
         self.recovery_start: int | None = None  # first step of the recovery phase (None: no recovery)
         self.pinned_at: int | None = None
         self.expected_at_pin: float | None = None  # the controller's expected sparsity just before the pin
@@ -93,7 +94,7 @@ class FineGates(Method):
 
     def prepare(self, model: nn.Module, cfg: "TrainConfig", total_steps: int,
                 calibration: list[dict] | None = None) -> nn.Module:
-        self.cfg, self.model = cfg, model
+        self.cfg, self.model, self.total_steps = cfg, model, total_steps
         opts = self.parse_options(cfg.extra)
         gm.apply_gates(model, layout=cfg.layout, rank=cfg.rank, lora_alpha=cfg.lora_alpha, train_bias=cfg.train_bias,
                        gate_init=cfg.gate_init, lora_slots=opts.lora_slots)
@@ -119,6 +120,14 @@ class FineGates(Method):
 
     def in_recovery(self, step: int) -> bool:
         return self.recovery_start is not None and step >= self.recovery_start
+
+    def lr_factor(self, step: int) -> float:
+        """``recovery_lr`` linear: from the pin, every learning rate falls on a line from its value there to 0 after
+        the last step (the last step takes 1/n of it, n the recovery's steps); constant, or before the pin: 1."""
+        if self.cfg is None or self.cfg.recovery_lr != "linear" or not self.in_recovery(step):
+            return 1.0
+        assert self.recovery_start is not None
+        return max(0.0, (self.total_steps - step) / max(1, self.total_steps - self.recovery_start))
 
     def regularizer(self, model: nn.Module, step: int) -> torch.Tensor | None:
         cfg = self.cfg

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from finegates import TrainConfig
 from finegates import gated_model as gm
@@ -148,6 +149,29 @@ def test_a_pin_far_below_the_target_is_recorded_and_warned(glue_dir, caplog):
     at_pin = r["expected_sparsity_at_pin"]
     assert at_pin == r["history"][-1]["expected_sparsity_at_pin"] < 0.4 and r["history"][-1]["pinned_at_step"] == 2
     assert any("of the 50% target by the pin at step 2" in m for m in caplog.messages)
+
+
+@pytest.mark.parametrize("recovery_lr", ["constant", "linear"])
+def test_an_annealed_recovery_decays_every_learning_rate_to_zero_from_the_pin(glue_dir, recovery_lr):
+    """--recovery-lr linear: the main optimiser's learning rates (gates, and LoRA/biases/head) are the run's until the
+    pin, then fall on a line to 0 after the last step; constant keeps them. The lrs are read at each real step."""
+    cfg = TrainConfig(**TINY | {"max_train": 64, "epochs": 2}, data_dir=str(glue_dir), target_sparsity=0.5,
+                      teacher="none", warmup_frac=0.25, recovery_frac=0.5, recovery_lr=recovery_lr)
+    seen = []
+
+    def record(opt, args, kwargs):
+        if len(opt.param_groups) == 2:  # the main optimiser (the controller's has one group)
+            seen.append([g["lr"] for g in opt.param_groups])
+
+    hook = register_optimizer_step_pre_hook(record)
+    try:
+        r = run(cfg)
+    finally:
+        hook.remove()
+    assert r["history"][-1]["pinned_at_step"] == 4  # 8 steps, the last half in recovery
+    factors = [1, 1, 1, 1, 1, 3 / 4, 2 / 4, 1 / 4] if recovery_lr == "linear" else [1] * 8
+    assert [lr for step in seen for lr in step] == pytest.approx([lr for f in factors for lr in (cfg.gate_lr * f,
+                                                                                                 cfg.lr * f)])
 
 
 @pytest.mark.slow
