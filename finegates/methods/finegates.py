@@ -126,8 +126,8 @@ class FineGates(Method):
         the last step (the last step takes 1/n of it, n the recovery's steps); constant, or before the pin: 1."""
         if self.cfg is None or self.cfg.recovery_lr != "linear" or not self.in_recovery(step):
             return 1.0
-        assert self.recovery_start is not None
-        return max(0.0, (self.total_steps - step) / max(1, self.total_steps - self.recovery_start))
+        assert self.recovery_start is not None  # in recovery: recovery_start <= step < total_steps
+        return (self.total_steps - step) / (self.total_steps - self.recovery_start)
 
     def regularizer(self, model: nn.Module, step: int) -> torch.Tensor | None:
         cfg = self.cfg
