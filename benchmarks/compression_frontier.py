@@ -114,11 +114,16 @@ CONFIGS: dict[str, list[str]] = {
 # (--recovery-lr linear; constant before), against the points a 40% or 60% run lost in its recovery (session 18).
 # -r45: a longer recovery, the last 45% of the steps (--recovery-frac 0.45; 0.3 is the default): more steps to repair
 # what the aligned pin reshapes, now that the faster controller has closed the target by then (session 18).
+# -w45: the recovery starts as soon as the gates' expected sparsity has reached the target, from the point where 45% of
+# the steps remain (--max-recovery-frac 0.45), at 30% at the latest: -r45's longer recovery where the gates are done,
+# the fixed pin where they lag (session 19).
 _VARIANT_FLAGS = {"dl05": ["--dual-lr", "0.05"], "dr": ["--dual-reset", "crossing"], "dl5": ["--dual-lr", "0.5"],
-                  "ra": ["--recovery-lr", "linear"], "r45": ["--recovery-frac", "0.45"]}
+                  "ra": ["--recovery-lr", "linear"], "r45": ["--recovery-frac", "0.45"],
+                  "w45": ["--max-recovery-frac", "0.45"]}
 for _name in ("fgl-40-kdinit-dl05", "fgl-40-kdinit-al-dl05", "fgl-40-kdinit-dr", "fgl-60-kdinit-dr",
               "fgl-40-kdinit-al-dr", "fgl-40-kdinit-dr-dl5", "fgl-60-kdinit-dr-dl5", "fgl-40-kdinit-dr-dl5-ra",
-              "fgl-60-kdinit-dr-dl5-ra", "fgl-40-kdinit-dr-dl5-r45", "fgl-60-kdinit-dr-dl5-r45"):
+              "fgl-60-kdinit-dr-dl5-ra", "fgl-40-kdinit-dr-dl5-r45", "fgl-60-kdinit-dr-dl5-r45",
+              "fgl-40-kdinit-dr-dl5-w45", "fgl-60-kdinit-dr-dl5-w45", "fgl-60-kdinit-dr-dl5-w45-ra"):
     _base, _, _variant = _name.rpartition("-")
     CONFIGS[_name] = [*CONFIGS[_base], *_VARIANT_FLAGS[_variant]]
 

@@ -70,6 +70,11 @@ class TrainConfig:
     dual_reset: str = "crossing"
     warmup_frac: float = 0.4  # controller: fraction of steps over which the target ramps up from 0
     recovery_frac: float = 0.3  # last fraction of steps with the structure fixed (0 = none)
+    # controller: the recovery may start earlier, at the first step from which at most this fraction of the steps
+    # remains where the gates' expected sparsity has reached the target (the gates are done: the extra steps go to
+    # the recovery); it starts at recovery_frac at the latest. None: always at recovery_frac.
+    # docs/COMPRESSION.md, "A pin that waits for the gates"
+    max_recovery_frac: float | None = None
     # the learning rates during the recovery: constant (those of the run) | linear (every one decays linearly from its
     # value at the pin to 0 at the last step). docs/COMPRESSION.md, "A recovery that anneals"
     recovery_lr: str = "constant"
@@ -165,6 +170,14 @@ class TrainConfig:
                 raise bad(name, v, "a number in [0, 1]")
         if self.warmup_frac + self.recovery_frac > 1:
             raise bad("warmup_frac + recovery_frac", self.warmup_frac + self.recovery_frac, "at most 1")
+        if self.max_recovery_frac is not None:
+            if (not finite(self.max_recovery_frac)
+                    or not self.recovery_frac <= self.max_recovery_frac <= 1 - self.warmup_frac):
+                raise bad("max_recovery_frac", self.max_recovery_frac, f"none, or a number in [recovery_frac, 1 - "
+                          f"warmup_frac] = [{self.recovery_frac:g}, {1 - self.warmup_frac:g}]")
+            if self.penalty != "controller":
+                raise bad("max_recovery_frac", self.max_recovery_frac, "none with --penalty "
+                          f"{self.penalty} (an early recovery waits for the controller's target)")
         if self.teacher not in TEACHERS:
             raise bad("teacher", self.teacher, ", ".join(TEACHERS))
         if not isinstance(self.teacher_init, bool):

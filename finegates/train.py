@@ -434,6 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-frac", type=float, default=d.warmup_frac, help="controller target ramp, fraction of steps")
     p.add_argument("--recovery-frac", type=float, default=d.recovery_frac,
                    help="last fraction of steps with the pruned structure fixed and the kept weights training")
+    p.add_argument("--max-recovery-frac", type=float, default=d.max_recovery_frac,
+                   help="controller only: start the recovery early, at the first step from which at most this fraction "
+                   "of the steps remains where the gates' expected sparsity has reached the target; at --recovery-frac "
+                   "at the latest (default: always at --recovery-frac)")
     p.add_argument("--recovery-lr", default=d.recovery_lr, help="the learning rates during the recovery: constant "
                    "(those of the run) or linear (each decays linearly from its value at the pin to 0 at the last step)")
     p.add_argument("--close-schedule", default=d.close_schedule,

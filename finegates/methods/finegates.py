@@ -73,6 +73,7 @@ class FineGates(Method):
         self.model: nn.Module | None = None
         self.total_steps = 0
         self.recovery_start: int | None = None  # first step of the recovery phase (None: no recovery)
+        self.earliest_pin: int | None = None  # max_recovery_frac: the first step the recovery may start at
         self.pinned_at: int | None = None
         self.expected_at_pin: float | None = None  # the controller's expected sparsity just before the pin
         self.schedule_start = 0  # gradual closing: closed fraction from 0 at the end of the warmup ...
@@ -106,6 +107,8 @@ class FineGates(Method):
                                               weight_decay=0.0)
         if cfg.recovery_frac > 0 and self.penalised(cfg):
             self.recovery_start = max(1, int(round((1.0 - cfg.recovery_frac) * total_steps)))
+        if self.controller is not None and cfg.max_recovery_frac is not None:
+            self.earliest_pin = max(1, int(round((1.0 - cfg.max_recovery_frac) * total_steps)))
         if self.controller is not None and cfg.close_schedule in ("gradual", "aligned"):
             self.schedule_start = self.controller.warmup_steps
             self.schedule_end = self.recovery_start or total_steps
@@ -133,6 +136,8 @@ class FineGates(Method):
         cfg = self.cfg
         assert cfg is not None
         self.step = step
+        if self.pinned_at is None and self._gates_done_early(model, step):
+            self.recovery_start = step  # the gates reached the target: the rest of the run is recovery
         if self.in_recovery(step):
             if self.pinned_at is None:
                 if cfg.penalty == "controller":  # pin the structure the exporter writes: it exports the target
@@ -163,6 +168,17 @@ class FineGates(Method):
             return cfg.lam * gm.penalty_code(model, cfg.target_sparsity)
         assert self.controller is not None
         return self.controller(gm.expected_sparsity(model), step)
+
+    def _gates_done_early(self, model: nn.Module, step: int) -> bool:
+        """``max_recovery_frac``: whether ``step`` lies between the earliest pin and the fixed one and the gates'
+        expected sparsity has reached the target (one sync on a GPU, on those steps only). The close schedule keeps
+        its line to the fixed pin, so it never pushes the gates to an early one."""
+        assert self.cfg is not None
+        latest = self.recovery_start if self.recovery_start is not None else self.total_steps
+        if self.earliest_pin is None or not self.earliest_pin <= step < latest:
+            return False
+        with torch.no_grad():
+            return float(gm.expected_sparsity(model)) >= self.cfg.target_sparsity
 
     def after_step(self) -> None:
         if self.dual_opt is not None and self.pinned_at is None:

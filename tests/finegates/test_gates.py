@@ -619,3 +619,42 @@ def test_expected_sparsity_of_alike_layers_is_computed_for_all_layers_at_once(la
     assert all(a is None or torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(g_stacked, g_loop))
     sums = {"coupled": 3, "independent": 3}[layout]  # one per pair of gates (Q/K, V/O, FFN), not one per layer
     assert _count(lambda: expected_sparsity(m), "aten.sum") == sums
+
+
+@pytest.mark.parametrize("max_recovery,gates_train,pin", [(None, True, "fixed"), (0.6, True, "early"),
+                                                           (0.6, False, "fixed")])
+def test_an_early_recovery_starts_when_the_gates_reach_the_target(max_recovery, gates_train, pin):
+    """``max_recovery_frac``: the recovery starts at the first step from the earliest pin (40% of the steps here) at
+    which the gates' expected sparsity has reached the target; gates that never reach it are pinned at the fixed
+    step (1 - recovery_frac), as without the option. The gates follow the controller alone (no task loss)."""
+    from finegates.config import TrainConfig
+    from finegates.methods import get_method
+
+    torch.manual_seed(0)
+    m = _tiny_bert()
+    method = get_method("finegates")
+    cfg = TrainConfig(target_sparsity=0.4, warmup_frac=0.3, recovery_frac=0.2, max_recovery_frac=max_recovery,
+                      close_schedule="at-pin", recovery_lr="linear")
+    method.prepare(m, cfg, 120)  # the ramp ends at step 36; the pin comes at step 96, or from step 48 on
+    opt = torch.optim.AdamW(method.param_groups(m, cfg)[:1])  # the gates' group, at the gate lr
+    reached = None  # the first step from 48 on that starts with the expected sparsity at the target
+    for step in range(120):
+        s = float(expected_sparsity(m).detach())
+        if reached is None and step >= 48 and s >= 0.4:
+            reached = step
+        reg = method.regularizer(m, step)
+        if reg is not None and gates_train:
+            reg.backward()
+            opt.step()
+            opt.zero_grad()
+        method.after_step()
+        if method.pinned_at is not None:
+            assert reg is None  # no penalty in the recovery
+    pinned = method.metrics(m)["pinned_at_step"]
+    if pin == "fixed":
+        assert pinned == method.recovery_start == 96
+    else:
+        assert reached is not None and 48 <= reached < 96
+        assert pinned == method.recovery_start == reached
+        assert method.expected_at_pin >= 0.4
+    assert method.lr_factor(pinned) == 1.0 and method.lr_factor(119) == pytest.approx(1 / (120 - pinned))
