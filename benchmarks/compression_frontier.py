@@ -237,6 +237,8 @@ def one_run(a: argparse.Namespace, task: str, name: str, seed: int, cache: str) 
     # per epoch: the evaluation score and the sparsity reached (gate, expected), for how a run got where it ended
     row["history"] = [{k: h.get(k) for k in ("epoch", "step", "score", "gate_sparsity", "expected_sparsity")}
                       for h in r.get("history") or []]
+    last = (r.get("history") or [{}])[-1]  # where the recovery started, and how far the gates had got by then
+    row.update({k: last[k] for k in ("pinned_at_step", "expected_sparsity_at_pin") if k in last})
     if r.get("published_teacher_path"):
         row["teacher_published"] = True  # this row's model is its task's teacher (its training time is the teacher's)
     return row
