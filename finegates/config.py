@@ -73,7 +73,7 @@ class TrainConfig:
     # controller: the recovery may start earlier, at the first step from which at most this fraction of the steps
     # remains where the gates' expected sparsity has reached the target (the gates are done: the extra steps go to
     # the recovery); it starts at recovery_frac at the latest. None: always at recovery_frac.
-    # docs/COMPRESSION.md, "A pin that waits for the gates"
+    # docs/COMPRESSION.md, "A recovery that starts when the gates are done"
     max_recovery_frac: float | None = None
     # the learning rates during the recovery: constant (those of the run) | linear (every one decays linearly from its
     # value at the pin to 0 at the last step). docs/COMPRESSION.md, "A recovery that anneals"

@@ -136,8 +136,11 @@ class FineGates(Method):
         cfg = self.cfg
         assert cfg is not None
         self.step = step
-        if self.pinned_at is None and self._gates_done_early(model, step):
-            self.recovery_start = step  # the gates reached the target: the rest of the run is recovery
+        s_hat = None  # the gates' expected sparsity, for the controller (and the early recovery's test)
+        if self.controller is not None and not self.in_recovery(step):
+            s_hat = gm.expected_sparsity(model)
+            if self._gates_done_early(s_hat, step):
+                self.recovery_start = step  # the gates reached the target: the rest of the run is recovery
         if self.in_recovery(step):
             if self.pinned_at is None:
                 if cfg.penalty == "controller":  # pin the structure the exporter writes: it exports the target
@@ -166,10 +169,10 @@ class FineGates(Method):
             return cfg.lam * gm.penalty_paper(model)
         if cfg.penalty == "code":
             return cfg.lam * gm.penalty_code(model, cfg.target_sparsity)
-        assert self.controller is not None
-        return self.controller(gm.expected_sparsity(model), step)
+        assert self.controller is not None and s_hat is not None
+        return self.controller(s_hat, step)
 
-    def _gates_done_early(self, model: nn.Module, step: int) -> bool:
+    def _gates_done_early(self, s_hat: torch.Tensor, step: int) -> bool:
         """``max_recovery_frac``: whether ``step`` lies between the earliest pin and the fixed one and the gates'
         expected sparsity has reached the target (one sync on a GPU, on those steps only). The close schedule keeps
         its line to the fixed pin, so it never pushes the gates to an early one."""
@@ -177,8 +180,7 @@ class FineGates(Method):
         latest = self.recovery_start if self.recovery_start is not None else self.total_steps
         if self.earliest_pin is None or not self.earliest_pin <= step < latest:
             return False
-        with torch.no_grad():
-            return float(gm.expected_sparsity(model)) >= self.cfg.target_sparsity
+        return float(s_hat.detach()) >= self.cfg.target_sparsity
 
     def after_step(self) -> None:
         if self.dual_opt is not None and self.pinned_at is None:
