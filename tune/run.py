@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finegates.config import SMOKE_SIZES, teacher_init_problem
+from finegates.config import RECOVERY_LRS, SMOKE_SIZES, teacher_init_problem
 from finegates.methods import METHOD_NAMES
 from tune.errors import UsageError
 from tune.tracking import TAG_REGISTRY_SUFFIX
@@ -114,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
       "(default: finegates' default)")
     a("--teacher-init", action=argparse.BooleanOptionalAction, default=None, help="start every distilled trial "
       "from its task's teacher (--no-teacher-init: from the pretrained model; default: finegates' default)")
+    a("--teacher-epochs", type=float, default=None, help="epochs of each task's teacher (default: the trials' "
+      "epochs)")
+    a("--recovery-frac", type=float, default=None, help="last fraction of each FineGates trial's steps with its "
+      "pruned structure fixed and the kept weights training (default: finegates' default)")
+    a("--max-recovery-frac", type=float, default=None, help="start each FineGates trial's recovery early, when its "
+      "gates have reached the target, with at most this fraction of the steps left (finegates.train "
+      "--max-recovery-frac; default: finegates' default)")
+    a("--recovery-lr", default=None, choices=list(RECOVERY_LRS), help="learning rates during the recovery "
+      "(default: finegates' default)")
     a("--search-space", default=None, help='JSON overrides of search ranges, e.g. \'{"target_sparsity": [0.2, 0.6], '
       '"rank": {"choices": [0, 8]}}\' (log-uniform [low, high] or categorical choices)')
     a("--report-frac", type=float, default=0.5, help="fraction of each task's evaluation set held out as its report "
@@ -189,7 +198,8 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("max_train", "max_eval"):
         if getattr(args, name) is not None:
             sizes[name] = parse_count(getattr(args, name), "--" + name.replace("_", "-"))
-    for name in ("epochs", "max_length", "gate_lr", "head_lr", "teacher", "teacher_init"):
+    for name in ("epochs", "max_length", "gate_lr", "head_lr", "teacher", "teacher_init", "teacher_epochs",
+                 "recovery_frac", "max_recovery_frac", "recovery_lr"):
         if getattr(args, name) is not None:
             sizes[name] = getattr(args, name)
     train = dict(model=model, data_dir=str(data_dir) if data_dir else None, batch_size=args.batch_size,

@@ -24,6 +24,9 @@ CASES = [
     (["--model", "/no/such/model"], "model path '/no/such/model' does not exist"),
     (["--seeds", "0"], "--seeds 0 is invalid; accepted: an integer >= 1"),
     (["--head-lr", "0"], "head_lr=0.0 is invalid; accepted: a finite number > 0, or none for the method's lr"),
+    (["--max-recovery-frac", "0.9"], "max_recovery_frac=0.9 is invalid; accepted: none, or a number in [recovery_frac, "
+                                      "1 - warmup_frac]"),
+    (["--teacher-epochs", "0"], "teacher_epochs=0.0 is invalid; accepted: a number > 0"),
     (["--report-frac", "1.5"], "--report-frac 1.5 is out of range; accepted: a number in (0, 1)"),
     (["--report-frac", "0"], "--report-frac 0 is out of range"),
     (["--tasks", "rte", "--max-eval", "30"], "task 'rte': its evaluation set of 30 examples is too small to split at "
@@ -90,3 +93,24 @@ def test_default_trials_per_task_follow_the_scheduler(extra, trials, tmp_path, g
                                       "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
                                       "--storage", str(tmp_path / "ray"), *extra])
     assert validate(args)["trials"] == trials
+
+
+def test_recovery_and_teacher_options_reach_every_trial(tmp_path, glue_dir):
+    """--teacher-epochs, --recovery-frac, --max-recovery-frac and --recovery-lr are the sweep's settings: each
+    FineGates trial's TrainConfig carries them; left out, a trial has finegates' defaults."""
+    from finegates.config import TrainConfig
+    from tune.run import build_parser, validate
+    from tune.trial import trial_config
+
+    base = ["--tasks", "sst2", "--data-dir", str(glue_dir), "--out", str(tmp_path / "out"),
+            "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--storage", str(tmp_path / "ray")]
+    searched = {"task": "sst2", "method": "finegates", "target_sparsity": 0.4, "lr": 1e-3}
+    v = validate(build_parser().parse_args(base + ["--teacher-epochs", "2", "--recovery-frac", "0.25",
+                                                   "--max-recovery-frac", "0.45", "--recovery-lr", "linear"]))
+    cfg = trial_config(searched, v, str(tmp_path / "t"))
+    assert (cfg.teacher_epochs, cfg.recovery_frac, cfg.max_recovery_frac, cfg.recovery_lr) == (2.0, 0.25, 0.45,
+                                                                                               "linear")
+    d = TrainConfig(task="sst2")
+    cfg = trial_config(searched, validate(build_parser().parse_args(base)), str(tmp_path / "t"))
+    assert (cfg.teacher_epochs, cfg.recovery_frac, cfg.max_recovery_frac, cfg.recovery_lr) == (
+        d.teacher_epochs, d.recovery_frac, d.max_recovery_frac, d.recovery_lr)
