@@ -123,7 +123,8 @@ _VARIANT_FLAGS = {"dl05": ["--dual-lr", "0.05"], "dr": ["--dual-reset", "crossin
 for _name in ("fgl-40-kdinit-dl05", "fgl-40-kdinit-al-dl05", "fgl-40-kdinit-dr", "fgl-60-kdinit-dr",
               "fgl-40-kdinit-al-dr", "fgl-40-kdinit-dr-dl5", "fgl-60-kdinit-dr-dl5", "fgl-40-kdinit-dr-dl5-ra",
               "fgl-60-kdinit-dr-dl5-ra", "fgl-40-kdinit-dr-dl5-r45", "fgl-60-kdinit-dr-dl5-r45",
-              "fgl-40-kdinit-dr-dl5-w45", "fgl-60-kdinit-dr-dl5-w45", "fgl-60-kdinit-dr-dl5-w45-ra"):
+              "fgl-40-kdinit-dr-dl5-w45", "fgl-60-kdinit-dr-dl5-w45", "fgl-60-kdinit-dr-dl5-w45-ra",
+              "fg-40-kdinit-dr", "fg-40-kdinit-dr-dl5", "fg-40-kdinit-dr-dl5-w45"):
     _base, _, _variant = _name.rpartition("-")
     CONFIGS[_name] = [*CONFIGS[_base], *_VARIANT_FLAGS[_variant]]
 
@@ -136,8 +137,9 @@ for _flags in CONFIGS.values():
 # Controller defaults that changed after rows were measured: the FineGates configs that do not set the flag run at the
 # value before, as they did when their rows were measured. Since session 16 the linear multiplier restarts when the
 # expected sparsity crosses the target (--dual-reset crossing; configs without -dr: none); since session 17 the
-# multipliers learn at 0.5 (--dual-lr; configs without -dl<x>: 0.15).
-_CONTROLLER_BEFORE = (("--dual-reset", "none"), ("--dual-lr", "0.15"))
+# multipliers learn at 0.5 (--dual-lr; configs without -dl<x>: 0.15); since session 20 the recovery starts once the
+# gates are done (--max-recovery-frac 0.45; configs without -w45: none, at --recovery-frac).
+_CONTROLLER_BEFORE = (("--dual-reset", "none"), ("--dual-lr", "0.15"), ("--max-recovery-frac", "none"))
 for _flags in CONFIGS.values():
     if "--method" not in _flags or _flags[_flags.index("--method") + 1].startswith("finegates"):
         for _flag, _before in _CONTROLLER_BEFORE:
@@ -180,9 +182,9 @@ for _m in ("gift-sw", "sparta", "propulsion", "bitfit"):
 
 PROTOCOLS = {
     "gpu": dict(tasks="sst2,mrpc,rte,stsb,cola,qnli,mnli", max_train=10000, epochs=3, batch_size=32, max_length=128,
-                jobs=6, threads=2, configs="full,lora,fg-0-kdinit,fg-40-kdinit,fg-60-kdinit,fgl-40-kdinit-dr-dl5"),
+                jobs=6, threads=2, configs="full,lora,fg-0-kdinit,fg-40-kdinit,fg-60-kdinit,fgl-40-kdinit-dr-dl5-w45"),
     "cpu": dict(tasks="sst2,mrpc,stsb,qnli", max_train=2000, epochs=3, batch_size=32, max_length=128,
-                jobs=2, threads=1, configs="lora,fg-0-kdinit,fg-40-kdinit,fgl-40-kdinit-dr-dl5,fg-60-kdinit,full"),
+                jobs=2, threads=1, configs="lora,fg-0-kdinit,fg-40-kdinit,fgl-40-kdinit-dr-dl5-w45,fg-60-kdinit,full"),
     "smoke": dict(tasks="sst2,stsb", max_train=64, epochs=1, batch_size=16, max_length=48,
                   jobs=2, threads=1, configs="lora,fg-0,fg-40-kdinit"),
 }

@@ -43,13 +43,13 @@ fi
 C=$(realpath "${1:?carry dir}"); OUT=$(realpath "${2:?out dir}"); DEADLINE=${3:-560}
 # for the next GPU, in order of priority (runs go seed by seed and config by config, so the deadline cuts the
 # last ones): FineGates-LoRA at 40% started from its teacher at today's defaults (the controller restarting its
-# multiplier at each crossing, session 16, at dual lr 0.5, session 17), at 60% the same (the moonshot), at 60% and 40%
-# with the recovery starting once the gates reach the target (--max-recovery-frac 0.45, session 19), at 40% with the
-# slower controller of session 16 and without the restart (the default of sessions 13-15), and from the pretrained
-# model, gates only at target 0 from the teacher (the lambda-0 goal at today's defaults), the cheaper FineGates-LoRA
-# (LoRA in the Q and V gates, session 7), and FineGates-LoRA with all of the closing at the pin (before session 9),
-# against LoRA, on two seeds
-CONFIGS=${FRONTIER_CONFIGS:-lora,fgl-40-kdinit-dr-dl5,fgl-60-kdinit-dr-dl5,fgl-60-kdinit-dr-dl5-w45,fgl-40-kdinit-dr-dl5-w45,fgl-40-kdinit-dr,fgl-40-kdinit,fgl-40-kd,fg-0-kdinit,fglqv-40-kd,fgl-40-kd-atpin}
+# multiplier at each crossing, session 16, at dual lr 0.5, session 17, the recovery starting once the gates reach the
+# target, --max-recovery-frac 0.45, session 20), at 60% the same (the moonshot), at 40% and 60% with the recovery at
+# the fixed 30% (the defaults of sessions 17-19), at 40% with the slower controller of session 16 and without the
+# restart (the default of sessions 13-15), and from the pretrained model, gates only at target 0 from the teacher (the
+# lambda-0 goal at today's defaults), the cheaper FineGates-LoRA (LoRA in the Q and V gates, session 7), and
+# FineGates-LoRA with all of the closing at the pin (before session 9), against LoRA, on two seeds
+CONFIGS=${FRONTIER_CONFIGS:-lora,fgl-40-kdinit-dr-dl5-w45,fgl-60-kdinit-dr-dl5-w45,fgl-40-kdinit-dr-dl5,fgl-60-kdinit-dr-dl5,fgl-40-kdinit-dr,fgl-40-kdinit,fgl-40-kd,fg-0-kdinit,fglqv-40-kd,fgl-40-kd-atpin}
 SEEDS=${FRONTIER_SEEDS:-1948,7}
 export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 FINEGATES_GLUE_DIR=$C/glue
 MODEL=/tmp/finegates-minilm

@@ -42,6 +42,23 @@ def teacher_init_problem(teacher_init: bool | None, teacher: str | None) -> str 
     return None
 
 
+def parse_frac_or_none(value: str) -> float | str:
+    """``--max-recovery-frac``'s type: a number, or ``"none"`` (kept as the string, so that a command line can tell
+    "given as none" from "not given")."""
+    if value.strip().lower() == "none":
+        return "none"
+    return float(value)
+
+
+def max_recovery_problem(given: float | str | None, penalty: str) -> str | None:
+    """The one-line error of a command line that gives ``--max-recovery-frac`` a number with a penalty other than
+    the controller's (None: no problem). TrainConfig ignores the option there, since it has a default."""
+    if given is not None and given != "none" and penalty != "controller":
+        return (f"--max-recovery-frac {given:g} has no effect with --penalty {penalty}; accepted: --penalty controller "
+                "(an early recovery waits for the controller's target), or none")
+    return None
+
+
 @dataclass
 class TrainConfig:
     task: str = "sst2"
@@ -71,10 +88,12 @@ class TrainConfig:
     warmup_frac: float = 0.4  # controller: fraction of steps over which the target ramps up from 0
     recovery_frac: float = 0.3  # last fraction of steps with the structure fixed (0 = none)
     # controller: the recovery may start earlier, at the first step from which at most this fraction of the steps
-    # remains where the gates' expected sparsity has reached the target (the gates are done: the extra steps go to
-    # the recovery); it starts at recovery_frac at the latest. None: always at recovery_frac.
+    # remains (and the target's ramp is over) where the gates' expected sparsity has reached the target (the gates
+    # are done: the extra steps go to the recovery); it starts at recovery_frac at the latest. None, or a fraction
+    # <= recovery_frac: always at recovery_frac (before session 20). No effect without the controller, nor without a
+    # recovery (recovery_frac 0).
     # docs/COMPRESSION.md, "A recovery that starts when the gates are done"
-    max_recovery_frac: float | None = None
+    max_recovery_frac: float | None = 0.45
     # the learning rates during the recovery: constant (those of the run) | linear (every one decays linearly from its
     # value at the pin to 0 at the last step). docs/COMPRESSION.md, "A recovery that anneals"
     recovery_lr: str = "constant"
@@ -170,14 +189,9 @@ class TrainConfig:
                 raise bad(name, v, "a number in [0, 1]")
         if self.warmup_frac + self.recovery_frac > 1:
             raise bad("warmup_frac + recovery_frac", self.warmup_frac + self.recovery_frac, "at most 1")
-        if self.max_recovery_frac is not None:
-            if (not finite(self.max_recovery_frac)
-                    or not self.recovery_frac <= self.max_recovery_frac <= 1 - self.warmup_frac):
-                raise bad("max_recovery_frac", self.max_recovery_frac, f"none, or a number in [recovery_frac, 1 - "
-                          f"warmup_frac] = [{self.recovery_frac:g}, {1 - self.warmup_frac:g}]")
-            if self.penalty != "controller":
-                raise bad("max_recovery_frac", self.max_recovery_frac, "none with --penalty "
-                          f"{self.penalty} (an early recovery waits for the controller's target)")
+        if self.max_recovery_frac is not None and (not finite(self.max_recovery_frac)
+                                                   or not 0 <= self.max_recovery_frac <= 1):
+            raise bad("max_recovery_frac", self.max_recovery_frac, "none, or a number in [0, 1]")
         if self.teacher not in TEACHERS:
             raise bad("teacher", self.teacher, ", ".join(TEACHERS))
         if not isinstance(self.teacher_init, bool):

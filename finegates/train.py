@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from finegates.arch import family_of_model_dir, get_family
-from finegates.config import ConfigError, TrainConfig
+from finegates.config import ConfigError, TrainConfig, parse_frac_or_none
 from finegates.export import build_compressed, save_compressed
 from finegates.gated_model import count_parameters
 from finegates.latency import measure_latency
@@ -434,10 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-frac", type=float, default=d.warmup_frac, help="controller target ramp, fraction of steps")
     p.add_argument("--recovery-frac", type=float, default=d.recovery_frac,
                    help="last fraction of steps with the pruned structure fixed and the kept weights training")
-    p.add_argument("--max-recovery-frac", type=float, default=d.max_recovery_frac,
+    p.add_argument("--max-recovery-frac", type=parse_frac_or_none, default=None,
                    help="controller only: start the recovery early, at the first step from which at most this fraction "
-                   "of the steps remains where the gates' expected sparsity has reached the target; at --recovery-frac "
-                   "at the latest (default: always at --recovery-frac)")
+                   "of the steps remains (and the target's ramp is over) where the gates' expected sparsity has "
+                   f"reached the target; at --recovery-frac at the latest; none: always at --recovery-frac (default: "
+                   f"{d.max_recovery_frac:g})")
     p.add_argument("--recovery-lr", default=d.recovery_lr, help="the learning rates during the recovery: constant "
                    "(those of the run) or linear (each decays linearly from its value at the pin to 0 at the last step)")
     p.add_argument("--close-schedule", default=d.close_schedule,
@@ -495,7 +496,7 @@ SIZE_OPTIONS = ("epochs", "max_length", "max_train", "max_eval", "latency_batch"
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from finegates.config import SMOKE_SIZES, parse_count, teacher_init_problem
+    from finegates.config import SMOKE_SIZES, max_recovery_problem, parse_count, teacher_init_problem
     from finegates.preflight import check_run
     from tasks import TaskError, get_task, resolve_data_dir
 
@@ -503,7 +504,12 @@ def main(argv: list[str] | None = None) -> int:
           if k not in ("no_progress", "smoke_test", "history", "options", *SIZE_OPTIONS)}
     if args.teacher_init is None:
         del kw["teacher_init"]
-    if problem := teacher_init_problem(args.teacher_init, args.teacher):
+    if args.max_recovery_frac is None:
+        del kw["max_recovery_frac"]
+    elif args.max_recovery_frac == "none":
+        kw["max_recovery_frac"] = None
+    if problem := (teacher_init_problem(args.teacher_init, args.teacher)
+                   or max_recovery_problem(args.max_recovery_frac, args.penalty)):
         print(f"error: {problem}", file=sys.stderr)
         return 2
     if args.smoke_test:

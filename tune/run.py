@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finegates.config import RECOVERY_LRS, SMOKE_SIZES, teacher_init_problem
+from finegates.config import RECOVERY_LRS, SMOKE_SIZES, parse_frac_or_none, teacher_init_problem
 from finegates.methods import METHOD_NAMES
 from tune.errors import UsageError
 from tune.tracking import TAG_REGISTRY_SUFFIX
@@ -118,9 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
       "epochs)")
     a("--recovery-frac", type=float, default=None, help="last fraction of each FineGates trial's steps with its "
       "pruned structure fixed and the kept weights training (default: finegates' default)")
-    a("--max-recovery-frac", type=float, default=None, help="start each FineGates trial's recovery early, when its "
-      "gates have reached the target, with at most this fraction of the steps left (finegates.train "
-      "--max-recovery-frac; default: finegates' default)")
+    a("--max-recovery-frac", type=parse_frac_or_none, default=None, help="start each FineGates trial's recovery "
+      "early, when its gates have reached the target, with at most this fraction of the steps left (finegates.train "
+      "--max-recovery-frac); none: always at --recovery-frac (default: finegates' default)")
     a("--recovery-lr", default=None, choices=list(RECOVERY_LRS), help="learning rates during the recovery "
       "(default: finegates' default)")
     a("--search-space", default=None, help='JSON overrides of search ranges, e.g. \'{"target_sparsity": [0.2, 0.6], '
@@ -202,6 +202,8 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
                  "recovery_frac", "max_recovery_frac", "recovery_lr"):
         if getattr(args, name) is not None:
             sizes[name] = getattr(args, name)
+    if sizes.get("max_recovery_frac") == "none":
+        sizes["max_recovery_frac"] = None  # given as none: the recovery always starts at --recovery-frac
     train = dict(model=model, data_dir=str(data_dir) if data_dir else None, batch_size=args.batch_size,
                  seed=args.seed, data_seed=args.seed, eval_part="selection", report_frac=args.report_frac,
                  threads=max(1, int(cpus)), **sizes)

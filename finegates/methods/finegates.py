@@ -107,8 +107,10 @@ class FineGates(Method):
                                               weight_decay=0.0)
         if cfg.recovery_frac > 0 and self.penalised(cfg):
             self.recovery_start = max(1, int(round((1.0 - cfg.recovery_frac) * total_steps)))
-        if self.controller is not None and cfg.max_recovery_frac is not None:
-            self.earliest_pin = max(1, int(round((1.0 - cfg.max_recovery_frac) * total_steps)))
+        # an earlier start of the recovery there is (recovery_frac 0: none), never before the ramp is over
+        if self.controller is not None and self.recovery_start is not None and cfg.max_recovery_frac is not None:
+            self.earliest_pin = max(1, self.controller.warmup_steps,
+                                    int(round((1.0 - cfg.max_recovery_frac) * total_steps)))
         if self.controller is not None and cfg.close_schedule in ("gradual", "aligned"):
             self.schedule_start = self.controller.warmup_steps
             self.schedule_end = self.recovery_start or total_steps
@@ -177,8 +179,9 @@ class FineGates(Method):
         expected sparsity has reached the target (one sync on a GPU, on those steps only). The close schedule keeps
         its line to the fixed pin, so it never pushes the gates to an early one."""
         assert self.cfg is not None
-        latest = self.recovery_start if self.recovery_start is not None else self.total_steps
-        if self.earliest_pin is None or not self.earliest_pin <= step < latest:
+        if self.earliest_pin is None or self.recovery_start is None:
+            return False
+        if not self.earliest_pin <= step < self.recovery_start:
             return False
         return float(s_hat.detach()) >= self.cfg.target_sparsity
 

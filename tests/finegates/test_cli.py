@@ -18,10 +18,9 @@ CASES = [
     (["--gate-init", "open"], "gate_init='open' is invalid; accepted: edge, saturated"),
     (["--recovery-frac", "-0.1"], "recovery_frac=-0.1 is invalid; accepted: a number in [0, 1]"),
     (["--warmup-frac", "0.8", "--recovery-frac", "0.5"], "warmup_frac + recovery_frac=1.3 is invalid; accepted: at most 1"),
-    (["--max-recovery-frac", "0.2"],
-     "max_recovery_frac=0.2 is invalid; accepted: none, or a number in [recovery_frac, 1 - warmup_frac] = [0.3, 0.6]"),
-    (["--penalty", "paper", "--max-recovery-frac", "0.4"], "max_recovery_frac=0.4 is invalid; accepted: none with "
-     "--penalty paper (an early recovery waits for the controller's target)"),
+    (["--max-recovery-frac", "1.5"], "max_recovery_frac=1.5 is invalid; accepted: none, or a number in [0, 1]"),
+    (["--penalty", "paper", "--max-recovery-frac", "0.4"], "--max-recovery-frac 0.4 has no effect with --penalty "
+     "paper; accepted: --penalty controller (an early recovery waits for the controller's target), or none"),
     (["--teacher", "bert"], "teacher='bert' is invalid; accepted: none, lora, full"),
     (["--distill-alpha", "2"], "distill_alpha=2.0 is invalid; accepted: a number in [0, 1]"),
     (["--dual-lr", "0"], "dual_lr=0.0 is invalid; accepted: a finite number > 0"),

@@ -360,6 +360,30 @@ def test_a_restarted_multiplier_holds_the_gates_near_the_target_after_a_lagging_
         assert abs(sum(path[-40:]) / 40 - 0.4) < 0.05  # and around it at the end
 
 
+def test_no_recovery_means_no_early_recovery_either():
+    """``recovery_frac=0`` (no recovery) with the default ``max_recovery_frac``: the gates that reach the target are
+    never pinned, and the penalty runs to the last step."""
+    from finegates.config import TrainConfig
+    from finegates.methods import get_method
+
+    torch.manual_seed(0)
+    m = _tiny_bert()
+    method = get_method("finegates")
+    cfg = TrainConfig(target_sparsity=0.4, warmup_frac=0.3, recovery_frac=0.0)
+    assert cfg.max_recovery_frac is not None
+    method.prepare(m, cfg, 60)
+    opt = torch.optim.AdamW(method.param_groups(m, cfg)[:1])
+    for step in range(60):
+        reg = method.regularizer(m, step)
+        assert reg is not None
+        reg.backward()
+        opt.step()
+        opt.zero_grad()
+        method.after_step()
+    assert float(expected_sparsity(m).detach()) >= 0.3  # the gates got to the target's neighbourhood ...
+    assert method.pinned_at is None and method.recovery_start is None  # ... and were never pinned
+
+
 def test_the_aligned_schedule_closes_into_the_structure_the_pin_exports():
     """With the aligned schedule the closed units follow the line as the aligned exporter counts them (per layer one
     head width, widths in multiples of 8), never reopening one, so the pin changes few units; the gradual schedule
@@ -621,12 +645,18 @@ def test_expected_sparsity_of_alike_layers_is_computed_for_all_layers_at_once(la
     assert _count(lambda: expected_sparsity(m), "aten.sum") == sums
 
 
-@pytest.mark.parametrize("max_recovery,gates_train,pin", [(None, True, "fixed"), (0.6, True, "early"),
-                                                           (0.6, False, "fixed")])
-def test_an_early_recovery_starts_when_the_gates_reach_the_target(max_recovery, gates_train, pin):
-    """``max_recovery_frac``: the recovery starts at the first step from the earliest pin (40% of the steps here) at
-    which the gates' expected sparsity has reached the target; gates that never reach it are pinned at the fixed
-    step (1 - recovery_frac), as without the option. The gates follow the controller alone (no task loss)."""
+@pytest.mark.parametrize("max_recovery,gates_train,earliest", [
+    (None, True, None),  # no early recovery: the pin is fixed
+    (0.1, True, 108),    # at most recovery_frac (0.2): the window would open after the fixed pin (96)
+    (0.6, True, 48),     # the window opens at 40% of the steps; the gates reach the target after it opens
+    (0.9, True, 36),     # a window that would open before the target's ramp is over opens when it is over
+    (0.6, False, 48),    # gates that never reach the target are pinned at the fixed step
+])
+def test_an_early_recovery_starts_when_the_gates_reach_the_target(max_recovery, gates_train, earliest):
+    """``max_recovery_frac``: the recovery starts at the first step from the earliest pin (40% of the steps here, and
+    never before the ramp is over) at which the gates' expected sparsity has reached the target; gates that never
+    reach it are pinned at the fixed step (1 - recovery_frac), as without the option. The gates follow the
+    controller alone (no task loss)."""
     from finegates.config import TrainConfig
     from finegates.methods import get_method
 
@@ -635,12 +665,14 @@ def test_an_early_recovery_starts_when_the_gates_reach_the_target(max_recovery, 
     method = get_method("finegates")
     cfg = TrainConfig(target_sparsity=0.4, warmup_frac=0.3, recovery_frac=0.2, max_recovery_frac=max_recovery,
                       close_schedule="at-pin", recovery_lr="linear")
-    method.prepare(m, cfg, 120)  # the ramp ends at step 36; the pin comes at step 96, or from step 48 on
+    method.prepare(m, cfg, 120)  # the ramp ends at step 36; the pin comes at step 96, or from `earliest` on
+    assert method.earliest_pin == earliest
+    early = earliest is not None and earliest < 96 and gates_train
     opt = torch.optim.AdamW(method.param_groups(m, cfg)[:1])  # the gates' group, at the gate lr
-    reached = None  # the first step from 48 on that starts with the expected sparsity at the target
+    reached = None  # the first step from the earliest pin on that starts with the expected sparsity at the target
     for step in range(120):
         s = float(expected_sparsity(m).detach())
-        if reached is None and step >= 48 and s >= 0.4:
+        if reached is None and early and step >= earliest and s >= 0.4:
             reached = step
         reg = method.regularizer(m, step)
         if reg is not None and gates_train:
@@ -651,10 +683,12 @@ def test_an_early_recovery_starts_when_the_gates_reach_the_target(max_recovery, 
         if method.pinned_at is not None:
             assert reg is None  # no penalty in the recovery
     pinned = method.metrics(m)["pinned_at_step"]
-    if pin == "fixed":
+    if not early:
         assert pinned == method.recovery_start == 96
     else:
-        assert reached is not None and 48 < reached < 96  # the window opened before the gates were done: it waited
+        assert reached is not None and earliest <= reached < 96
+        if max_recovery == 0.6:
+            assert earliest < reached  # the window opened before the gates were done: it waited for them
         assert pinned == method.recovery_start == reached
         assert method.expected_at_pin >= 0.4
     assert method.lr_factor(pinned) == 1.0 and method.lr_factor(119) == pytest.approx(1 / (120 - pinned))

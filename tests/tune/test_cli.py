@@ -24,8 +24,7 @@ CASES = [
     (["--model", "/no/such/model"], "model path '/no/such/model' does not exist"),
     (["--seeds", "0"], "--seeds 0 is invalid; accepted: an integer >= 1"),
     (["--head-lr", "0"], "head_lr=0.0 is invalid; accepted: a finite number > 0, or none for the method's lr"),
-    (["--max-recovery-frac", "0.9"], "max_recovery_frac=0.9 is invalid; accepted: none, or a number in [recovery_frac, "
-                                      "1 - warmup_frac]"),
+    (["--max-recovery-frac", "1.5"], "max_recovery_frac=1.5 is invalid; accepted: none, or a number in [0, 1]"),
     (["--teacher-epochs", "0"], "teacher_epochs=0.0 is invalid; accepted: a number > 0"),
     (["--report-frac", "1.5"], "--report-frac 1.5 is out of range; accepted: a number in (0, 1)"),
     (["--report-frac", "0"], "--report-frac 0 is out of range"),
@@ -114,3 +113,7 @@ def test_recovery_and_teacher_options_reach_every_trial(tmp_path, glue_dir):
     cfg = trial_config(searched, validate(build_parser().parse_args(base)), str(tmp_path / "t"))
     assert (cfg.teacher_epochs, cfg.recovery_frac, cfg.max_recovery_frac, cfg.recovery_lr) == (
         d.teacher_epochs, d.recovery_frac, d.max_recovery_frac, d.recovery_lr)
+    assert d.max_recovery_frac is not None  # so that none below turns a default off
+    cfg = trial_config(searched, validate(build_parser().parse_args(base + ["--max-recovery-frac", "none"])),
+                       str(tmp_path / "t"))
+    assert cfg.max_recovery_frac is None
