@@ -347,7 +347,7 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool 
     if teacher is not None:
         result.update({"teacher_path": str(teacher.path), "teacher_score": teacher.info["score"],
                        "teacher_train_time_s": teacher.info["train_time_s"], "teacher_reused": teacher.reused})
-    result.update({k: v for k, v in history[-1].items() if k in ("gate_sparsity", "expected_sparsity",
+    result.update({k: v for k, v in history[-1].items() if k in ("gate_sparsity", "expected_sparsity", "pinned_at_step",
                                                                 "expected_sparsity_at_pin", "schedule_closed")})
     result.setdefault("gate_sparsity", 0.0)  # methods without gates
     if cfg.teacher_cache is not None and not method.prunes:  # a dense run that is a student's teacher: cache it
