@@ -47,7 +47,12 @@ def parse_frac_or_none(value: str) -> float | str:
     "given as none" from "not given")."""
     if value.strip().lower() == "none":
         return "none"
-    return float(value)
+    try:
+        return float(value)
+    except ValueError:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number; accepted: a number in [0, 1], or none") from None
 
 
 def max_recovery_problem(given: float | str | None, penalty: str) -> str | None:
