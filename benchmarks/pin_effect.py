@@ -56,7 +56,9 @@ def main() -> None:
     rows = []
     for lr in [float(x) for x in a.dual_lrs.split(",")]:
         extra = {"distill_alpha": a.distill_alpha} if a.distill_alpha is not None else {}
+        # the pin at the fixed 30% (no early recovery): the snapshot at the end of epoch 2 must come before it
         cfg = TrainConfig(task=a.task, dual_lr=lr, target_sparsity=a.target, max_train=a.max_train,
+                          max_recovery_frac=None,
                           batch_size=a.batch_size, epochs=a.epochs, teacher=a.teacher, teacher_cache=a.teacher_cache,
                           data_dir=a.data_dir, threads=a.threads, method=a.method, seed=a.seed,
                           teacher_init=a.teacher != "none" and not a.no_teacher_init,

@@ -105,9 +105,9 @@ def test_recovery_and_teacher_options_reach_every_trial(tmp_path, glue_dir):
             "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--storage", str(tmp_path / "ray")]
     searched = {"task": "sst2", "method": "finegates", "target_sparsity": 0.4, "lr": 1e-3}
     v = validate(build_parser().parse_args(base + ["--teacher-epochs", "2", "--recovery-frac", "0.25",
-                                                   "--max-recovery-frac", "0.45", "--recovery-lr", "linear"]))
+                                                   "--max-recovery-frac", "0.5", "--recovery-lr", "linear"]))
     cfg = trial_config(searched, v, str(tmp_path / "t"))
-    assert (cfg.teacher_epochs, cfg.recovery_frac, cfg.max_recovery_frac, cfg.recovery_lr) == (2.0, 0.25, 0.45,
+    assert (cfg.teacher_epochs, cfg.recovery_frac, cfg.max_recovery_frac, cfg.recovery_lr) == (2.0, 0.25, 0.5,
                                                                                                "linear")
     d = TrainConfig(task="sst2")
     cfg = trial_config(searched, validate(build_parser().parse_args(base)), str(tmp_path / "t"))
