@@ -64,6 +64,17 @@ def max_recovery_problem(given: float | str | None, penalty: str) -> str | None:
     return None
 
 
+# Fields added after trials began to record their config (tune.trial's train_config tag, since 0cdcd5b), whose default
+# is not what a run did before the field existed, with that behaviour: a config recorded before one of them lacks it,
+# and TrainConfig.from_dict reads it as the run was trained. A field added later with such a default belongs here.
+BEFORE_THE_FIELD: dict[str, Any] = {
+    "close_schedule": "at-pin",  # 2481cb0: all the closing at the pin before the gradual schedule
+    "teacher_init": False,  # db2062d: a student started from the pretrained model
+    "dual_reset": "none",  # fa82813: the controller's multiplier never restarted
+    "max_recovery_frac": None,  # 1299006: the recovery always began at recovery_frac
+}
+
+
 @dataclass
 class TrainConfig:
     task: str = "sst2"
@@ -246,8 +257,11 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        """The config that ``d`` (a :meth:`to_dict`, e.g. a trial's ``train_config`` tag) records. A key it lacks takes
+        its default, except a field added after such records began whose default is not what the code did before it
+        existed (:data:`BEFORE_THE_FIELD`): the recorded run trained that way, so a re-run of it (tune.seeds) does."""
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ConfigError(f"unknown config keys {unknown}; accepted: {', '.join(sorted(names))}")
-        return cls(**d)
+        return cls(**{**BEFORE_THE_FIELD, **d})

@@ -96,6 +96,28 @@ def test_a_config_tag_that_contradicts_the_params_gives_no_report_score(glue_dir
     assert "report_frac 0.3 in its train_config tag vs 0.5 in its params" in rep.note
 
 
+def test_a_config_tag_written_before_a_field_existed_reads_as_that_run_trained(glue_dir, tracker):
+    """A trial recorded by an older version lacks the fields added since; those whose default changed what a run
+    does (finegates.config.BEFORE_THE_FIELD) read as the behaviour before them, so a seed re-run trains what the
+    trial trained; a tag that has them keeps them."""
+    from finegates.config import BEFORE_THE_FIELD
+    from tune.heldout import trial_config
+
+    cfg = small_config(glue_dir)
+    run_id = trial_run(tracker, cfg, recorded(cfg, 40))
+    assert trial_config(tracker.client.get_run(run_id)) == cfg  # today's tag: as it was
+    today = {k: getattr(cfg, k) for k in BEFORE_THE_FIELD}
+    assert today == {"close_schedule": "gradual", "teacher_init": True, "dual_reset": "crossing",
+                     "max_recovery_frac": 0.45}
+    old = {k: v for k, v in cfg.to_dict().items() if k != "output_dir" and k not in BEFORE_THE_FIELD}
+    tracker.tag(run_id, TAG_CONFIG, json.dumps(old))
+    read = trial_config(tracker.client.get_run(run_id))
+    assert {k: getattr(read, k) for k in BEFORE_THE_FIELD} == {"close_schedule": "at-pin", "teacher_init": False,
+                                                                "dual_reset": "none", "max_recovery_frac": None}
+    assert {k: v for k, v in read.to_dict().items() if k not in BEFORE_THE_FIELD} == \
+        {k: v for k, v in cfg.to_dict().items() if k not in BEFORE_THE_FIELD}
+
+
 @pytest.fixture(scope="module")
 def trained(glue_dir, tmp_path_factory):
     from finegates.train import run
