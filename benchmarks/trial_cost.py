@@ -2,7 +2,7 @@
 time, in interleaved rounds (issue 9's goal: a FineGates trial at most 1.5x a LoRA trial, the teacher amortised
 over the trials of a task, and shown).
 
-    python benchmarks/trial_cost.py --threads 2                                   # CPU: SST-2, 1,000 examples, ~25 min
+    python benchmarks/trial_cost.py --threads 2                                   # CPU: SST-2, 1,000 examples, ~15 min
     python benchmarks/trial_cost.py --max-train 10000 --batch-size 32 --rounds 2  # on a GPU (finegates.train picks it)
     python benchmarks/trial_cost.py --smoke-test                                  # the pipeline at tiny sizes (~2 min)
 
