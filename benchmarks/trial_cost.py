@@ -47,8 +47,6 @@ def table(rows: list[dict], configs: list[str], trials_per_task: int) -> str:
     """The configs' train and wall times over the rounds (round 0, the teacher, left out), each beside the LoRA
     run of its round."""
     timed = [r for r in rows if r["round"] > 0 and "error" not in r]
-    # the teacher's training and export, as its cache records it (a FineGates row's teacher_train_time_s)
-    teacher = next((r["teacher_train_time_s"] for r in timed if r.get("teacher_train_time_s") is not None), None)
     ref = {r["round"]: r for r in timed if r["config"] == REFERENCE}
     lines = [f"| config | train s, median (min-max) | vs LoRA, per round | wall s, median | "
              f"vs LoRA, teacher shared by {trials_per_task} trials | score / exported sparsity |",
@@ -60,8 +58,10 @@ def table(rows: list[dict], configs: list[str], trials_per_task: int) -> str:
             continue
         t = [r["train_time_s"] for r in rs]
         ratios = [r["train_time_s"] / ref[r["round"]]["train_time_s"] for r in rs if r["round"] in ref]
-        distils = rs[0].get("teacher_train_time_s") is not None
-        share = teacher / trials_per_task if distils and teacher is not None else 0.0
+        # the teacher's training and export, as the cache the run read records it (its own teacher_train_time_s)
+        teacher = rs[0].get("teacher_train_time_s")
+        distils = teacher is not None
+        share = teacher / trials_per_task if distils else 0.0
         shared = [(r["train_time_s"] + share) / ref[r["round"]]["train_time_s"] for r in rs if r["round"] in ref]
         scores = sorted({f"{r['score']:.3f} / {100 * r['sparsity']:.1f}%" for r in rs})
         lines.append(f"| {c} | {statistics.median(t):.1f} ({min(t):.1f}-{max(t):.1f}) | "
@@ -69,8 +69,9 @@ def table(rows: list[dict], configs: list[str], trials_per_task: int) -> str:
                      + f" | {statistics.median(r['wall_s'] for r in rs):.1f} | "
                      + (f"{statistics.median(shared):.2f}x" if shared and distils else "-")
                      + f" | {', '.join(scores)} |")
-    if teacher is not None:
-        lines.append(f"\nTeacher (the round-0 LoRA run): {teacher:.1f} s of training and export.")
+    teachers = sorted({r["teacher_train_time_s"] for r in timed if r.get("teacher_train_time_s") is not None})
+    if teachers:
+        lines.append(f"\nTeacher: {', '.join(f'{t:.1f}' for t in teachers)} s of training and export.")
     if timed:
         lines.append("Devices: " + ", ".join(sorted({f"{r.get('device')} {r.get('precision')}" for r in timed})))
     return "\n".join(lines)
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jsonl", default=None, help="also append every run as a JSON line to this file")
     p.add_argument("--model", default=None, help="model dir (default: the embedded all-MiniLM-L6-v2)")
     p.add_argument("--data-dir", default=None, help="GLUE Parquet dir (default: $FINEGATES_GLUE_DIR)")
-    p.add_argument("--smoke-test", action="store_true", help="one round at tiny sizes")
+    p.add_argument("--smoke-test", action="store_true", help="one round at tiny sizes (sets the task and sizes)")
     a = p.parse_args(argv)
     if a.smoke_test:
         for k, v in SMOKE.items():
@@ -106,11 +107,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --configs {a.configs!r} is invalid; accepted: a comma list with {REFERENCE} in it, of "
               f"{', '.join(cf.CONFIGS)}", file=sys.stderr)
         return 2
-    for name in ("rounds", "trials_per_task", "max_train", "batch_size", "max_length", "threads"):
-        if getattr(a, name) < 1:
+    for name in ("rounds", "trials_per_task", "max_train", "max_eval", "batch_size", "max_length", "threads"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
             print(f"error: --{name.replace('_', '-')} {getattr(a, name)} is invalid; accepted: an integer >= 1",
                   file=sys.stderr)
             return 2
+    if not a.epochs > 0:
+        print(f"error: --epochs {a.epochs:g} is invalid; accepted: a number > 0", file=sys.stderr)
+        return 2
     a.head_lr, a.predictions_dir = None, None  # what compression_frontier's train_command and one_run read
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     rows: list[dict] = []
@@ -128,6 +132,13 @@ def main(argv: list[str] | None = None) -> int:
             if "error" in row:
                 print(f"error: {c} (round {rnd}) failed: {row['error']}", file=sys.stderr)
                 return 1
+            if rnd == 0 and not row.get("teacher_published"):  # the FineGates runs would train their own teacher
+                print(f"error: the round-0 {REFERENCE} run did not publish the task's teacher; its flags no longer "
+                      "match the teacher's (finegates.distill.teacher_of_run)", file=sys.stderr)
+                return 1
+            if row.get("teacher_reused") is False:
+                print(f"warning: {c} (round {rnd}) trained its own teacher (a --teacher other than {REFERENCE}'s?): "
+                      "its train time does not count it; its teacher_train_time_s is shared", file=sys.stderr)
     print(f"\n{a.task}, {a.max_train} train examples, {a.epochs:g} epochs, batch {a.batch_size} x {a.max_length}, "
           f"seed {a.seed}, {a.threads} CPU threads per run, one run at a time, {a.rounds} rounds after the teacher's\n")
     print(table(rows, configs, a.trials_per_task))

@@ -32,7 +32,7 @@ def test_ratios_are_taken_per_round_and_the_teacher_is_shared():
     assert lines[2].startswith("| lora | 100.0 (50.0-100.0) | 1.00x (1.00-1.00) | 110.0 | - |")
     # ratios 1.10, 1.20, 0.90; with the teacher's 60 s over 6 trials: (110+10)/100, (60+10)/50, (90+10)/100
     assert lines[3].startswith("| fg | 90.0 (60.0-110.0) | 1.10x (0.90-1.20) | 100.0 | 1.20x |")
-    assert "Teacher (the round-0 LoRA run): 60.0 s" in "\n".join(lines)
+    assert "Teacher: 60.0 s of training and export." in "\n".join(lines)
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -40,6 +40,8 @@ def test_ratios_are_taken_per_round_and_the_teacher_is_shared():
     (["--configs", "lora,nope"], "--configs 'lora,nope' is invalid"),
     (["--rounds", "0"], "--rounds 0 is invalid; accepted: an integer >= 1"),
     (["--trials-per-task", "-1"], "--trials-per-task -1 is invalid; accepted: an integer >= 1"),
+    (["--max-eval", "0"], "--max-eval 0 is invalid; accepted: an integer >= 1"),
+    (["--epochs", "0"], "--epochs 0 is invalid; accepted: a number > 0"),
 ])
 def test_bad_input_is_refused_in_one_line_before_any_run(argv, expected, capsys, tmp_path):
     out = tmp_path / "rows.jsonl"
