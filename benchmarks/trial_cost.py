@@ -4,7 +4,7 @@ over the trials of a task, and shown).
 
     python benchmarks/trial_cost.py --threads 2                                   # CPU: SST-2, 1,000 examples, ~15 min
     python benchmarks/trial_cost.py --max-train 10000 --batch-size 32 --rounds 2  # on a GPU (finegates.train picks it)
-    python benchmarks/trial_cost.py --smoke-test                                  # the pipeline at tiny sizes (~2 min)
+    python benchmarks/trial_cost.py --smoke-test                                  # the pipeline at tiny sizes (~1 min)
 
 Each run is ``python -m finegates.train`` with a config of ``benchmarks/compression_frontier.py`` (the protocol's
 sizes given here, then the config's flags). Round 0 is the LoRA run, which is exactly the task's LoRA teacher: it
