@@ -255,13 +255,36 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def options(self) -> dict[str, Any]:
+        """Every option of the method at the value this run uses (``extra`` holds only those that were set; the rest
+        take the method's defaults), in JSON types: tuples as lists."""
+        from finegates.methods import get_method_class
+
+        opts = asdict(get_method_class(self.method).parse_options(self.extra))
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in opts.items()}
+
+    def recorded(self) -> dict[str, Any]:
+        """:meth:`to_dict` with every option of the method (:meth:`options`): what a run records of its config (a
+        trial's ``train_config`` tag, result.json), so that a later change of an option's default does not change
+        what the record reads as (:meth:`from_dict`). Reads back as the same run: ``from_dict(recorded())``
+        trains what this config trains."""
+        return {**self.to_dict(), "extra": self.options()}
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         """The config that ``d`` (a :meth:`to_dict`, e.g. a trial's ``train_config`` tag) records. A key it lacks takes
         its default, except a field added after such records began whose default is not what the code did before it
-        existed (:data:`BEFORE_THE_FIELD`): the recorded run trained that way, so a re-run of it (tune.seeds) does."""
+        existed (:data:`BEFORE_THE_FIELD`): the recorded run trained that way, so a re-run of it (tune.seeds) does.
+        The same for the method's options (``extra``): one that a record lacks takes its default, except those in the
+        method's ``options_before`` (added after :meth:`recorded` began to write every option)."""
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ConfigError(f"unknown config keys {unknown}; accepted: {', '.join(sorted(names))}")
-        return cls(**{**BEFORE_THE_FIELD, **d})
+        d = {**BEFORE_THE_FIELD, **d}
+        from finegates.methods import METHOD_NAMES, get_method_class
+
+        method = d.get("method", cls.method)
+        if method in METHOD_NAMES and isinstance(d.get("extra", {}), dict):  # else __init__ says what is wrong
+            d["extra"] = {**get_method_class(method).options_before, **d.get("extra", {})}
+        return cls(**d)

@@ -178,7 +178,7 @@ def publish_teacher(cfg: "TrainConfig", model_path: str, train_rows: list[dict],
         shutil.rmtree(tmp, ignore_errors=True)
         t0 = time.perf_counter()
         save_compressed(model, tmp / "model", tokenizer, extra={"task": cfg.task, "method": cfg.method,
-                                                                "score": score, "config": tcfg.to_dict()})
+                                                                "score": score, "config": tcfg.recorded()})
         train_time += time.perf_counter() - t0  # its training and export; the logits pass not (as get_teacher)
         logits = logits_of(model, train_rows, collate, max(tcfg.batch_size, 64), device)
         info = _info(key, tcfg, model_path, len(train_rows), score, train_time) | {"published_by": "dense run"}

@@ -342,7 +342,7 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool 
         "n_train": data.info["n_train"], "n_eval": data.info["n_eval"], "eval_part": cfg.eval_part,
 "steps": step, "epochs_completed": epoch,
         "train_time_s": train_time, "device": str(device), "precision": precision,
-        "layers": compressed.config.layers, "history": history, "config": cfg.to_dict(),
+        "layers": compressed.config.layers, "history": history, "config": cfg.recorded(),
     }
     if teacher is not None:
         result.update({"teacher_path": str(teacher.path), "teacher_score": teacher.info["score"],
@@ -362,7 +362,7 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool 
         result["model_path"] = None
         if cfg.save_model:
             save_compressed(compressed, out / "model", tokenizer, extra={k: result[k] for k in
-                            ("task", "method", "score", "sparsity", "validation_source")} | {"config": cfg.to_dict()})
+                            ("task", "method", "score", "sparsity", "validation_source")} | {"config": cfg.recorded()})
             result["model_path"] = str(out / "model")
         out.mkdir(parents=True, exist_ok=True)
         # the exported model's eval predictions, in eval order: for bootstrap intervals and paired comparisons

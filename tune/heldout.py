@@ -63,6 +63,12 @@ class Report:
                 "report_n": self.n, "report_note": self.note, "report_trivial_score": self.trivial}
 
 
+def config_tag(cfg: "TrainConfig") -> str:
+    """The ``train_config`` tag of a trial run with config ``cfg``: every field but the output dir, and every option of
+    the method (:meth:`TrainConfig.recorded`), as JSON. :func:`trial_config` reads it back."""
+    return json.dumps({k: v for k, v in cfg.recorded().items() if k != "output_dir"})
+
+
 def trial_config(run, data_dir: str | None = None) -> "TrainConfig | None":
     """The trial's TrainConfig from its ``train_config`` tag (None for runs made before it was recorded).
     ``data_dir`` (the selector's) replaces the trial's when given: the data may live elsewhere here."""
@@ -162,4 +168,4 @@ def within(rep: Report, selection_ci: list[float] | None) -> bool | None:
     return bool(selection_ci[0] <= rep.score <= selection_ci[1])
 
 
-__all__ = ["REPORT_ARTIFACT", "Report", "TAG_CONFIG", "report_score", "split_mismatch", "trial_config", "within"]
+__all__ = ["REPORT_ARTIFACT", "Report", "TAG_CONFIG", "config_tag", "report_score", "split_mismatch", "trial_config", "within"]

@@ -16,7 +16,7 @@ from typing import Any
 
 from finegates.config import TrainConfig
 from finegates.train import EpochReport, run
-from tune.heldout import TAG_CONFIG
+from tune.heldout import TAG_CONFIG, config_tag
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +46,10 @@ def trial_config(config: dict[str, Any], fixed: dict[str, Any], output_dir: str)
 
 def trial_params(config: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
     """The trial's whole effective configuration (searched values, sweep settings, defaults, among them
-    ``max_length``, which the registered pyfunc model tokenises with): its MLflow params."""
+    ``max_length``, which the registered pyfunc model tokenises with, and every option of its method): its MLflow
+    params."""
     return {k: v for k, v in config.items() if not k.startswith("_")} | {
-        k: v for k, v in cfg.to_dict().items() if k not in ("data_dir", "output_dir", "extra")} | cfg.extra
+        k: v for k, v in cfg.to_dict().items() if k not in ("data_dir", "output_dir", "extra")} | cfg.options()
 
 
 def trial_fn(config: dict[str, Any], fixed: dict[str, Any]) -> None:
@@ -67,7 +68,7 @@ def trial_fn(config: dict[str, Any], fixed: dict[str, Any]) -> None:
     params = trial_params(config, cfg)
     run_id = tracker.trial_run(fixed["sweep"], fixed["parents"][task], trial_id, task, method, params)
     # the exact config, for the selector's held-out scoring and seed re-runs (tune.heldout, tune.seeds)
-    tracker.tag(run_id, TAG_CONFIG, json.dumps({k: v for k, v in cfg.to_dict().items() if k != "output_dir"}))
+    tracker.tag(run_id, TAG_CONFIG, config_tag(cfg))
 
     def on_epoch(rep: EpochReport) -> None:
         m = rep.metrics

@@ -88,6 +88,12 @@ class Method(ABC):
     search: ClassVar[dict[str, Range]] = {}
     reference: ClassVar[dict[str, Any]] = {}  # the first trial of every study; may lie outside the ranges
     reference_name: ClassVar[str] = ""
+    # Options added after configs began to be recorded with every option (TrainConfig.recorded, session 22) whose default
+    # is not what a run did before the option existed, with that behaviour: a record without the option reads as that
+    # (TrainConfig.from_dict). Records written before session 22 hold only the options that were set, so they cannot
+    # say how old they are: Propulsion's train_bias (True since 448634d) and SpaRTA's scope ("model" since 106314c)
+    # read as today's defaults there (docs/SELECTION.md).
+    options_before: ClassVar[dict[str, Any]] = {}
 
     @classmethod
     def parse_options(cls, extra: dict[str, Any] | None) -> Any:
