@@ -87,11 +87,22 @@ def apply_gates(model: nn.Module, *, layout: str = "coupled", rank: int = 0, lor
             gl.to(device=base.weight.device)
             setattr(parent, attr, gl)
             gated[slot] = gl
+        for a, b in fam.row_gate_pairs(model):
+            if gated[a].row_gate is not None and gated[b].row_gate is not None:
+                gated[a].pair_row_gate(gated[b])
         layers.append(LayerGates(meta, **gated))
     model.finegates_layers = layers  # type: ignore[attr-defined]
     model.register_forward_pre_hook(_gate_pass_begin)
     model.register_forward_hook(_gate_pass_end, always_call=True)
     return layers
+
+
+def separate_row_gates(model: nn.Module) -> None:
+    """Every row gate on its own linear's output again, none applied on a pair's (``Family.row_gate_pairs``): the same
+    function, one pass more per pair; for comparisons (benchmarks/throughput.py, tests)."""
+    for lg in gated_layers(model):
+        for _, gl in lg.items():
+            gl._row_gate_also, gl.row_gate_elsewhere = (), False
 
 
 def check_slots(fam: Family, option: str, slots) -> None:

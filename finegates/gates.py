@@ -279,8 +279,26 @@ class GatedLinear(nn.Module):
         self.batched_bias: tuple[Batched, int] | None = None
         self.batched_lora: tuple[Batched, int] | None = None
         self.input_casts: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None  # one slot, shared
+        # a row gate applied on another linear's output (set by gated_model.apply_gates, Family.row_gate_pairs): where
+        # two linears' outputs meet only in a product over their rows (Q and K in the attention scores, q_j z_j k_j z'_j
+        # per dimension j), the second's gate multiplies the first's output with the first's own (``row_gate_also``) and
+        # the second's output is not scaled (``row_gate_elsewhere``): one pass over an activation less, forward and
+        # backward; the model computes the same function. Alone, such a second linear returns its ungated output.
+        self._row_gate_also: tuple[Gate, ...] = ()  # a tuple, so that the other linear's gate is not a submodule here
+        self.row_gate_elsewhere = False
         self._weight_cast: tuple[tuple, torch.Tensor] | None = None
         self._register_load_state_dict_pre_hook(self.drop_weight_cast)
+
+    @property
+    def row_gate_also(self) -> Gate | None:
+        """Another linear's row gate that this one applies on its output beside its own (see ``row_gate_elsewhere``)."""
+        return self._row_gate_also[0] if self._row_gate_also else None
+
+    def pair_row_gate(self, other: "GatedLinear") -> None:
+        """Apply ``other``'s row gate on this linear's output beside its own, and none on ``other``'s (not an attribute
+        assignment: nn.Module would register the other's gate as a submodule here). Undone by
+        ``gated_model.separate_row_gates``."""
+        self._row_gate_also, other.row_gate_elsewhere = (other.row_gate,), True
 
     def gates(self) -> list[Gate]:
         return [g for g in (self.row_gate, self.col_gate) if g is not None]
@@ -299,8 +317,11 @@ class GatedLinear(nn.Module):
             n = math.prod(y.shape[:-1])
             y = torch.addmm(y.reshape(n, y.shape[-1]), h.reshape(n, h.shape[-1]), lora_b.t(),
                             alpha=self.scaling).view(y.shape)
-        if self.row_gate is not None:
-            y = y * self.row_gate.value(y.dtype)
+        if self.row_gate is not None and not self.row_gate_elsewhere:
+            z = self.row_gate.value(y.dtype)
+            if self.row_gate_also is not None:
+                z = z * self.row_gate_also.value(y.dtype)  # a vector: the pass saved is over the other's output
+            y = y * z
         return y
 
     def _cast_input(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -67,6 +67,12 @@ class Family:
         :class:`~finegates.gated_model.LayerGates` as ``meta``."""
         return {}
 
+    def row_gate_pairs(self, model: nn.Module) -> tuple[tuple[str, str], ...]:
+        """(a, b) slot pairs of ``model``'s layers whose outputs are used only in sums over their rows of products
+        (Q and K in the attention scores, where nothing else reads Q: no rotary or relative positions): b's row gate
+        is applied on a's output (``GatedLinear.row_gate_also``), which saves a pass over b's output. None by default."""
+        return ()
+
     def gate_sides(self, slot: str, layout: str) -> tuple[bool, bool]:
         """(row gate, column gate) of ``slot`` in ``layout``."""
         if layout == "independent":

@@ -41,6 +41,11 @@ class Bert(Family):
 
         return FineGatesConfig, FineGatesForSequenceClassification
 
+    def row_gate_pairs(self, model: nn.Module) -> tuple[tuple[str, str], ...]:
+        """Q and K: the scores are sum_j (q_j z_j)(k_j z'_j), so both gates may scale Q alone; with relative
+        positions Q also meets the position embeddings, so not there."""
+        return (("q", "k"),) if getattr(model.config, "position_embedding_type", "absolute") == "absolute" else ()
+
     def encoder(self, model: nn.Module) -> nn.Module:
         """The encoder module holding ``layer`` (``model.bert.encoder``, ``model.roberta.encoder``)."""
         base = getattr(model, "base_model", model)

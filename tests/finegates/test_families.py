@@ -291,3 +291,46 @@ def test_train_cli_refuses_an_unsupported_family_before_training(tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "model type 'electra' is not supported; accepted:" in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", list(TINY))
+@pytest.mark.parametrize("layout", ["coupled", "independent"])
+def test_a_row_gate_applied_on_its_pair_changes_nothing_the_model_computes(name, layout):
+    """BERT-family models apply K's row gate on Q's output (Family.row_gate_pairs: the scores are sums over dims of
+    products); Llama's rotary positions mix Q's dims, so there the gates stay apart. Paired or not, a train step
+    (noisy gates, dropout, the same seed) gives the same loss and the same gradients, gates' included, also with
+    the structure pinned and compacted."""
+    import copy
+
+    from finegates.gated_model import separate_row_gates
+
+    m = tiny(name, 5, layout, closed_frac=0.3)
+    paired = [(lg.q.row_gate_also is lg.k.row_gate, lg.k.row_gate_elsewhere) for lg in gated_layers(m)]
+    assert paired == [(not name.startswith("llama"),) * 2] * len(paired)
+    other = copy.deepcopy(m)
+    separate_row_gates(other)
+    x = inputs(m.config.pad_token_id, "right") | {"labels": torch.tensor([0, 1, 2, 1])}
+    for compacted in (False, True):
+        if compacted:
+            for model in (m, other):
+                pin_to_target(model, None)
+                compact(model)
+        grads = []
+        for model in (m, other):
+            model.train().zero_grad()
+            torch.manual_seed(11)
+            loss = model(**x).loss
+            loss.backward()
+            grads.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+        torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
+        assert len(grads[0][1]) == len(grads[1][1])
+        for a, b in zip(grads[0][1], grads[1][1]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_with_relative_positions_q_and_k_keep_their_own_gates():
+    """With relative position embeddings Q also meets the positions, so K's gate cannot move onto Q."""
+    torch.manual_seed(0)
+    m = BertForSequenceClassification(BertConfig(position_embedding_type="relative_key", **KW))
+    apply_gates(m)
+    assert all(lg.q.row_gate_also is None and not lg.k.row_gate_elsewhere for lg in gated_layers(m))
