@@ -8,6 +8,7 @@ Methods run in interleaved rounds; we report the median and the min-max over rou
     python benchmarks/throughput.py --count-ops      # ATen ops one train step dispatches, per phase (exact)
     python benchmarks/throughput.py --count-ops --autocast bf16   # the same under autocast, as a GPU step runs
     python benchmarks/throughput.py --compile --only "gates only"   # every model under torch.compile
+    python benchmarks/throughput.py --malloc hold    # glibc keeps freed memory: no page faults in a step (session 22)
 
 A GPU step of this small model is bound by how many ops it launches more than by FLOPs, so ``--count-ops``
 counts, for one train step of each variant, the ATen ops that do work (view-like ops, which launch no
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import resource
 import statistics
 import time
 
@@ -36,6 +38,8 @@ from tasks import get_task, load_task_data
 
 VARIANTS = {
     "finegates (coupled, gates only)": dict(method="finegates", layout="coupled"),
+    # K's row gate on K's output, as before session 22 (the same function; today it scales Q's output with Q's gate)
+    "finegates (coupled, gates only), K's gate on K": dict(method="finegates", layout="coupled", separate=True),
     "finegates (independent, paper)": dict(method="finegates", layout="independent"),
     "finegates-lora (coupled, r=8)": dict(method="finegates", layout="coupled", rank=8),
     "finegates-lora (coupled, r=8 on q, v)": dict(method="finegates", layout="coupled", rank=8,
@@ -51,6 +55,31 @@ VARIANTS = {
         dict(method="finegates", layout="coupled", rank=8, recovery=0.4),
 }
 LORA = "peft LoRA r=8 (q, v)"
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def hold_freed_memory() -> bool:
+    """Make glibc's malloc keep the memory a step frees for the next step, for the rest of the process; True if set.
+
+    By default glibc hands freed memory back to the OS (it trims its heap's top past a threshold and unmaps large
+    blocks), with thresholds that move with what the process frees, and memory handed back is faulted in and zeroed
+    again when the next step touches it. A FineGates step did that (hundreds of minor page faults per step, a LoRA
+    step fewer; the count is a column of the table). Here the trim threshold is 1 GiB and blocks below 32 MiB come
+    from the heap. Measured no faster, within this machine's noise (docs/BENCHMARKS.md, session 22), so
+    finegates.train does not set it."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt if name else None
+    except (OSError, AttributeError):  # not glibc
+        mallopt = None
+    if mallopt is None:
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1 and mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1
 
 
 def put_in_recovery(model, method, removed: float) -> None:
@@ -98,6 +127,9 @@ def main() -> None:
                    "the casts a GPU step makes; a GPU always trains under autocast)")
     p.add_argument("--compile", action="store_true", help="wrap every model in torch.compile (default backend); "
                    "the warm-up round compiles, for each batch shape, and its time is printed apart")
+    p.add_argument("--malloc", choices=("default", "hold"), default="default",
+                   help="default: glibc's own thresholds, as finegates.train runs; hold: glibc keeps the memory a step "
+                   "frees for the next one (hold_freed_memory; process-wide, set before anything is built)")
     p.add_argument("--only", action="append", default=None, metavar="TEXT", help="only the variant named TEXT, or "
                    "else those whose name contains TEXT; repeatable (peft LoRA, the reference, always runs)")
     a = p.parse_args()
@@ -107,6 +139,8 @@ def main() -> None:
         p.error("--device cuda: no CUDA device is available here; accepted: cpu")
     if a.compile and a.count_ops:
         p.error("--compile with --count-ops: not valid; accepted: one of them (ops are counted in eager mode)")
+    if a.malloc == "hold" and not hold_freed_memory():
+        p.error("--malloc hold: this C library has no glibc mallopt; accepted here: --malloc default")
     device = torch.device(a.device)
     cuda = device.type == "cuda"
     half_name, half = gpu_half_precision(torch.cuda.is_bf16_supported()) if cuda else (None, None)
@@ -127,16 +161,20 @@ def main() -> None:
     for name, kw in variants.items():
         kw = dict(kw)
         recovery = kw.pop("recovery", None)
+        separate = kw.pop("separate", False)
         cfg = TrainConfig(task="sst2", lam=1.0, **kw)
         _, model = load_base(model_dir, 2, task.label_names)
         method = get_method(cfg.method)
         model = method.prepare(model, cfg, 100).to(device)
+        if separate:
+            gm.separate_row_gates(model)
         if recovery is not None:
             put_in_recovery(model, method, recovery)
         opt = torch.optim.AdamW(method.param_groups(model, cfg))
         setups[name] = (model.train() if not a.compile else torch.compile(model.train()), method, opt,
                         count_parameters(model)[1])
     rates: dict[str, list[float]] = {n: [] for n in setups}
+    faults: dict[str, list[int]] = {n: [] for n in setups}  # minor page faults of the process during each round
     amp = torch.autocast("cuda", dtype=half) if cuda else contextlib.nullcontext()
     if a.autocast == "bf16" and not cuda:
         amp = torch.autocast("cpu", dtype=torch.bfloat16)
@@ -160,10 +198,11 @@ def main() -> None:
         for name, (model, method, opt, _) in setups.items():
             if cuda:
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
             one_round(model, method, opt)
             if rnd:
                 rates[name].append(a.batch * len(batches) / (time.perf_counter() - t0))
+                faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
             elif a.compile:  # as it goes: a run stopped by a time limit still says how long compiling took
                 print(f"warm-up round (compiling): {name} {time.perf_counter() - t0:.0f} s", flush=True)
     lora = rates[LORA]
@@ -171,13 +210,15 @@ def main() -> None:
              else f"CPU {a.threads} threads")
     print(f"SST-2, MiniLM, {where}, torch {torch.__version__}, batch {a.batch} x {a.max_length} tokens, "
           f"{len(batches)} steps/round, median (min-max) of {a.rounds} interleaved rounds after one warm-up round"
-          + (", every model under torch.compile" if a.compile else ""))
-    print("| method | trainable params | samples/s | vs LoRA (per-round ratios) |")
-    print("|---|---:|---:|---:|")
+          + (", every model under torch.compile" if a.compile else "") + f", malloc {a.malloc}")
+    print("| method | trainable params | samples/s | vs LoRA (per-round ratios) | minor page faults per step |")
+    print("|---|---:|---:|---:|---:|")
     for name, r in rates.items():
         ratios = [x / y for x, y in zip(r, lora)]
+        f = [n / len(batches) for n in faults[name]]
         print(f"| {name} | {setups[name][3]:,} | {statistics.median(r):.1f} ({min(r):.1f}-{max(r):.1f}) | "
-              f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) |")
+              f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) | "
+              f"{statistics.median(f):,.0f} ({min(f):,.0f}-{max(f):,.0f}) |")
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
 
