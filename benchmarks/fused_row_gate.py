@@ -30,6 +30,7 @@ from throughput import count_ops, train_round  # noqa: E402
 
 from finegates.config import TrainConfig  # noqa: E402
 from finegates.gates import GatedLinear  # noqa: E402
+from finegates.gated_model import separate_row_gates  # noqa: E402
 from finegates.methods import get_method  # noqa: E402
 from finegates.train import _collator, load_base, resolve_model  # noqa: E402
 from tasks import get_task, load_task_data  # noqa: E402
@@ -124,6 +125,7 @@ def main() -> None:
         _, model = load_base(model_dir, 2, task.label_names)
         method = get_method(cfg.method)
         model = method.prepare(model, cfg, 100).train()
+        separate_row_gates(model)  # the fused forward knows no pairs (K's gate on Q's output): both forms without them
         if name == "fused":
             for mod in model.modules():
                 if isinstance(mod, GatedLinear):

@@ -246,7 +246,9 @@ class GatedLinear(nn.Module):
 
     ``row``/``col`` switch the row (output) and column (input) gates; ``rank`` > 0 adds LoRA inside the
     gates (A: r x n Kaiming-uniform, B: m x r zeros, scale s = alpha / r). The bias stays where the
-    base layer has it; the row gate is applied after it, so a closed row outputs exactly 0.
+    base layer has it; the row gate is applied after it, so a closed row outputs exactly 0 (in the model: a linear
+    whose row gate another one applies, :meth:`pair_row_gate`, returns its ungated output, and the product of the two
+    is 0 there).
     """
 
     def __init__(self, base: nn.Linear, *, row: bool = True, col: bool = True, rank: int = 0,

@@ -48,7 +48,17 @@ def probe(mode: str) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def _glibc_malloc() -> bool:
+    """glibc >= 2.33 (mallinfo2) is the allocator: no other one preloaded."""
+    import os
+    import platform
+
+    lib, version = platform.libc_ver()
+    return (lib == "glibc" and tuple(int(x) for x in version.split(".")[:2]) >= (2, 33)
+            and "LD_PRELOAD" not in os.environ)
+
+
+@pytest.mark.skipif(not _glibc_malloc(), reason="glibc's malloc (>= 2.33) only")
 def test_held_memory_comes_from_the_heap_and_is_reused_without_page_faults():
     """By default glibc maps a 16 MiB block on its own (and unmaps it when it is freed: the next one is faulted in
     again); held, it comes from the heap, and every round after the first reuses what the first faulted in."""

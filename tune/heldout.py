@@ -90,7 +90,12 @@ def report_score(tracker: Tracker, run, task: "TaskSpec", model_dir: str | os.Pa
         ci = (m["report_score_ci_low"], m["report_score_ci_high"]) if "report_score_ci_low" in m else None
         return Report(m["report_score"], ci, int(m["report_n"]) if "report_n" in m else None,
                       trivial=m.get("report_trivial_score"))
-    cfg = trial_config(run, data_dir)
+    from finegates.errors import ConfigError
+
+    try:
+        cfg = trial_config(run, data_dir)
+    except ConfigError as e:  # e.g. an option recorded then that this version no longer has
+        return Report(None, note=f"report part not scored: its {TAG_CONFIG} tag does not read as a config here ({e})")
     if cfg is None or cfg.eval_part != "selection":
         return Report(None, note="no report part: this trial was evaluated on its whole evaluation set (a sweep made "
                                  "before held-out reporting, or one run outside tune.run)")

@@ -97,6 +97,17 @@ def test_a_config_tag_that_contradicts_the_params_gives_no_report_score(glue_dir
     assert "report_frac 0.3 in its train_config tag vs 0.5 in its params" in rep.note
 
 
+def test_a_config_tag_with_an_option_this_version_lacks_gives_a_note_not_a_crash(glue_dir, tmp_path, tracker):
+    """An option recorded then and removed since: the tag no longer reads as a config; the selector says so."""
+    cfg = small_config(glue_dir)
+    run_id = trial_run(tracker, cfg, recorded(cfg, 40))
+    tag = json.loads(config_tag(cfg))
+    tracker.tag(run_id, TAG_CONFIG, json.dumps(tag | {"extra": tag["extra"] | {"gone_option": 1}}))
+    rep = report_score(tracker, tracker.client.get_run(run_id), get_task("rte"), tmp_path / "no-model")
+    assert rep.score is None
+    assert "does not read as a config here" in rep.note and "gone_option" in rep.note
+
+
 def test_a_config_tag_written_before_a_field_existed_reads_as_that_run_trained(glue_dir, tracker):
     """A trial recorded by an older version lacks the fields added since; those whose default changed what a run
     does (finegates.config.BEFORE_THE_FIELD) read as the behaviour before them, so a seed re-run trains what the
