@@ -102,7 +102,7 @@ def separate_row_gates(model: nn.Module) -> None:
     function, one pass more per pair; for comparisons (benchmarks/throughput.py, tests)."""
     for lg in gated_layers(model):
         for _, gl in lg.items():
-            gl._row_gate_also, gl.row_gate_elsewhere = (), False
+            gl.unpair_row_gate()
 
 
 def check_slots(fam: Family, option: str, slots) -> None:

@@ -299,8 +299,12 @@ class GatedLinear(nn.Module):
     def pair_row_gate(self, other: "GatedLinear") -> None:
         """Apply ``other``'s row gate on this linear's output beside its own, and none on ``other``'s (not an attribute
         assignment: nn.Module would register the other's gate as a submodule here). Undone by
-        ``gated_model.separate_row_gates``."""
+        ``gated_model.separate_row_gates`` (:meth:`unpair_row_gate` on each side)."""
         self._row_gate_also, other.row_gate_elsewhere = (other.row_gate,), True
+
+    def unpair_row_gate(self) -> None:
+        """Undo :meth:`pair_row_gate` on this side: only this linear's own row gate, on its own output."""
+        self._row_gate_also, self.row_gate_elsewhere = (), False
 
     def gates(self) -> list[Gate]:
         return [g for g in (self.row_gate, self.col_gate) if g is not None]
