@@ -32,6 +32,7 @@ from finegates.config import TrainConfig  # noqa: E402
 from finegates.gates import GatedLinear  # noqa: E402
 from finegates.gated_model import separate_row_gates  # noqa: E402
 from finegates.methods import get_method  # noqa: E402
+from finegates.methods.base import adamw  # noqa: E402
 from finegates.train import _collator, load_base, resolve_model  # noqa: E402
 from tasks import get_task, load_task_data  # noqa: E402
 
@@ -130,7 +131,7 @@ def main() -> None:
             for mod in model.modules():
                 if isinstance(mod, GatedLinear):
                     mod.forward = types.MethodType(fused_forward, mod)
-        setups[name] = (model, method, torch.optim.AdamW(method.param_groups(model, cfg)))
+        setups[name] = (model, method, adamw(method.param_groups(model, cfg)))
     rates = {n: [] for n in setups}
     for rnd in range(a.rounds + 1):  # round 0 warms up
         for name, (model, method, opt) in setups.items():

@@ -33,6 +33,7 @@ from finegates.export import DEFAULT_ALIGN
 from finegates.gated_model import count_parameters
 from finegates.latency import gpu_half_precision
 from finegates.methods import get_method
+from finegates.methods.base import adamw
 from finegates.train import _collator, load_base, resolve_model
 from tasks import get_task, load_task_data
 
@@ -170,7 +171,7 @@ def main() -> None:
             gm.separate_row_gates(model)
         if recovery is not None:
             put_in_recovery(model, method, recovery)
-        opt = torch.optim.AdamW(method.param_groups(model, cfg))
+        opt = adamw(method.param_groups(model, cfg))
         setups[name] = (model.train() if not a.compile else torch.compile(model.train()), method, opt,
                         count_parameters(model)[1])
     rates: dict[str, list[float]] = {n: [] for n in setups}

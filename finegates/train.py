@@ -32,6 +32,7 @@ from finegates.export import build_compressed, save_compressed
 from finegates.gated_model import count_parameters
 from finegates.latency import measure_latency
 from finegates.methods import METHOD_NAMES, get_method, get_method_class, methods_help
+from finegates.methods.base import adamw
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +253,7 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool 
     groups = method.param_groups(model, cfg)
     if cfg.head_lr is not None:
         groups = with_head_lr(groups, model, head_modules, cfg.head_lr, cfg.weight_decay)
-    opt = torch.optim.AdamW(groups)
+    opt = adamw(groups)
     base_lrs = [g["lr"] for g in opt.param_groups]  # the method's lr_factor scales these (e.g. an annealed recovery)
     model, opt, train_loader = acc.prepare(model, opt, train_loader)
     device = acc.device

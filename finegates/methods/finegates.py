@@ -19,7 +19,7 @@ from torch import nn
 from finegates import gated_model as gm
 from finegates.errors import ConfigError
 from finegates.export import DEFAULT_ALIGN
-from finegates.methods.base import Choice, LogUniform, Method, Uniform
+from finegates.methods.base import Choice, LogUniform, Method, Uniform, adamw
 
 if TYPE_CHECKING:
     from finegates.config import TrainConfig
@@ -103,8 +103,7 @@ class FineGates(Method):
             dev = next(model.parameters()).device
             self.controller = gm.SparsityController(cfg.target_sparsity, int(cfg.warmup_frac * total_steps)).to(dev)
             # gradient ascent on the multipliers (CoFi: lr -reg_lr); maximize=True is the same thing
-            self.dual_opt = torch.optim.AdamW(self.controller.parameters(), lr=cfg.dual_lr, maximize=True,
-                                              weight_decay=0.0)
+            self.dual_opt = adamw(self.controller.parameters(), lr=cfg.dual_lr, maximize=True, weight_decay=0.0)
         if cfg.recovery_frac > 0 and self.penalised(cfg):
             self.recovery_start = max(1, int(round((1.0 - cfg.recovery_frac) * total_steps)))
         # an earlier start of the recovery there is (recovery_frac 0: none), never before the ramp is over
