@@ -19,6 +19,7 @@ from torch import nn
 from finegates import gated_model as gm
 from finegates.errors import ConfigError
 from finegates.export import DEFAULT_ALIGN
+from finegates.gates import keep_open_all_
 from finegates.methods.base import Choice, LogUniform, Method, Uniform, adamw
 
 if TYPE_CHECKING:
@@ -195,8 +196,7 @@ class FineGates(Method):
         if self.schedule_end is not None and self.pinned_at is None and self.model is not None:
             self._close_on_schedule(self.model, self.step + 1)
         if self.pinned_at is not None and self.model is not None:
-            for g in gm.all_gates(self.model):
-                g.keep_open_()
+            keep_open_all_(gm.all_gates(self.model))
 
     @torch.no_grad()
     def _close_on_schedule(self, model: nn.Module, step: int) -> None:

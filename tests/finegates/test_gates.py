@@ -7,7 +7,7 @@ from torch import nn
 
 from finegates.gated_model import (SparsityController, all_gates, apply_gates, count_parameters, expected_sparsity,
                                    gate_sparsity, penalty_code, penalty_paper)
-from finegates.gates import Gate, GatedLinear, gate_values, p_open_all
+from finegates.gates import PINNED_OPEN_MIN, Gate, GatedLinear, gate_values, keep_open_all_, p_open_all
 
 
 def test_saturated_init_matches_the_official_code():
@@ -92,6 +92,40 @@ def test_pinned_gates_keep_their_structure_while_training():
         assert torch.equal(gl.row_gate.closed(), closed_before)
         assert torch.all(gl(torch.randn(3, 16))[:, :5] == 0)  # closed rows output exactly 0, even in training
         assert torch.all(gl.row_gate.eval_values()[5:] >= 0.05 - 1e-6)
+
+
+def test_keeping_many_pinned_gates_open_at_once_is_keeping_each_open():
+    """``keep_open_all_`` (one op for all gates, after each recovery step) leaves what ``keep_open_`` leaves: open units
+    at an eval value of at least PINNED_OPEN_MIN, pinned-closed units and unpinned gates untouched, NaN kept."""
+    torch.manual_seed(0)
+    gates = [Gate(n) for n in (7, 12, 5)]
+    for g in gates:
+        with torch.no_grad():
+            g.theta.copy_(torch.randn(g.theta.shape) * 2)
+    for g in gates[:2]:
+        g.pin()
+    with torch.no_grad():  # what an optimiser step may do: anything, below the floor, for open and closed units
+        for g in gates:
+            g.theta.copy_(torch.randn(g.theta.shape) * 3)
+        gates[1].theta[0] = float("nan")
+    before = [g.theta.detach().clone() for g in gates]
+    floor = math.atanh(PINNED_OPEN_MIN - 0.5)
+    want = [torch.where(g.pinned_closed, t, t.clamp(min=floor)) if g.pinned else t for g, t in zip(gates, before)]
+    keep_open_all_(gates)
+    for g, w, b in zip(gates, want, before):
+        assert torch.allclose(g.theta.detach(), w, equal_nan=True, rtol=0, atol=0)
+        if g.pinned:
+            kept = g.eval_values()[~g.pinned_closed]
+            assert torch.all(kept[~kept.isnan()] >= PINNED_OPEN_MIN - 1e-6)
+            assert torch.equal(g.theta.detach()[g.pinned_closed], b[g.pinned_closed])
+            assert g.pinned_closed.any() and (b[~g.pinned_closed] < floor).any()  # both kinds were there to test
+    assert torch.equal(gates[2].theta.detach(), before[2])
+    one = [g.theta.detach().clone() for g in gates]
+    for g, b in zip(gates, before):  # the one-gate form agrees
+        with torch.no_grad():
+            g.theta.copy_(b)
+        g.keep_open_()
+    assert all(torch.allclose(g.theta.detach(), o, equal_nan=True, rtol=0, atol=0) for g, o in zip(gates, one))
 
 
 def test_clamped_open_gate_gets_no_task_gradient():
