@@ -13,8 +13,10 @@ Methods run in interleaved rounds; we report the median and the min-max over rou
 A GPU step of this small model is bound by how many ops it launches more than by FLOPs, so ``--count-ops``
 counts, for one train step of each variant, the ATen ops that do work (view-like ops, which launch no
 kernel, left out): forward, penalty, backward, optimiser. The counts are exact and the same on every
-machine, except the optimiser's: AdamW runs one multi-tensor (foreach) op per group on a GPU, one op per
-tensor on the CPU, where this counts it.
+machine (the optimiser is fused AdamW, ``finegates.methods.base.adamw``: one multi-tensor op per group on every
+device, since session 23).
+
+    python benchmarks/throughput.py --batch 1 --max-length 8 --steps 16 --rounds 7 --phases   # a step's fixed costs
 """
 from __future__ import annotations
 
@@ -98,17 +100,36 @@ def put_in_recovery(model, method, removed: float) -> None:
         method.compacted = gm.compact(model)
 
 
-def train_round(model, method, opt, batches, amp=contextlib.nullcontext()) -> None:
+PHASES = ("forward", "penalty", "backward", "optimiser", "after step")
+
+
+def train_round(model, method, opt, batches, amp=contextlib.nullcontext(), phases: dict | None = None,
+                sync=lambda: None) -> None:
     """Train steps over ``batches`` as ``finegates.train`` takes them: forward and the method's penalty (under
-    ``amp``), backward, optimiser, the method's after-step."""
+    ``amp``), backward, optimiser, the method's after-step. ``phases``: each phase's seconds are appended to
+    ``phases[name]`` (``sync`` called before each reading: a GPU's queue drained, so its phases are its own)."""
+    def mark(name=None):
+        if phases is not None:
+            sync()
+            now = time.perf_counter()
+            if name is not None:
+                phases.setdefault(name, []).append(now - mark.t)
+            mark.t = now
+
     for step, b in enumerate(batches):
+        mark()
         with amp:
             loss = model(**b).loss
+            mark("forward")
             reg = method.regularizer(model, step)
+            mark("penalty")
         (loss if reg is None else loss + reg).backward()
+        mark("backward")
         opt.step()
         opt.zero_grad(set_to_none=True)
+        mark("optimiser")
         method.after_step()
+        mark("after step")
 
 
 def main() -> None:
@@ -131,6 +152,10 @@ def main() -> None:
     p.add_argument("--malloc", choices=("default", "hold"), default="default",
                    help="default: glibc's own thresholds, as finegates.train runs; hold: glibc keeps the memory a step "
                    "frees for the next one (hold_freed_memory; process-wide, set before anything is built)")
+    p.add_argument("--phases", action="store_true", help="also the median time of each phase of a step (forward, "
+                   "penalty, backward, optimiser, after step) over the counted rounds; on a GPU each reading waits for "
+                   "its queue. At --batch 1 --max-length 8 a step's arithmetic is next to nothing: what is left is what "
+                   "the host does per step, the CPU's stand-in for a GPU step bound by its launches")
     p.add_argument("--only", action="append", default=None, metavar="TEXT", help="only the variant named TEXT, or "
                    "else those whose name contains TEXT; repeatable (peft LoRA, the reference, always runs)")
     a = p.parse_args()
@@ -180,8 +205,10 @@ def main() -> None:
     if a.autocast == "bf16" and not cuda:
         amp = torch.autocast("cpu", dtype=torch.bfloat16)
 
-    def one_round(model, method, opt) -> None:
-        train_round(model, method, opt, batches, amp)
+    phases: dict[str, dict[str, list[float]]] = {n: {} for n in setups}
+
+    def one_round(model, method, opt, times=None) -> None:
+        train_round(model, method, opt, batches, amp, times, torch.cuda.synchronize if cuda else lambda: None)
         if cuda:
             torch.cuda.synchronize()
 
@@ -200,7 +227,7 @@ def main() -> None:
             if cuda:
                 torch.cuda.synchronize()
             f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
-            one_round(model, method, opt)
+            one_round(model, method, opt, phases[name] if a.phases and rnd else None)
             if rnd:
                 rates[name].append(a.batch * len(batches) / (time.perf_counter() - t0))
                 faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
@@ -220,6 +247,13 @@ def main() -> None:
         print(f"| {name} | {setups[name][3]:,} | {statistics.median(r):.1f} ({min(r):.1f}-{max(r):.1f}) | "
               f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) | "
               f"{statistics.median(f):,.0f} ({min(f):,.0f}-{max(f):,.0f}) |")
+    if a.phases:
+        print("\nper phase of a step, ms (median over the counted rounds' steps)")
+        print("| method | " + " | ".join(PHASES) + " | sum |")
+        print("|---|" + "---:|" * (len(PHASES) + 1))
+        for name, ph in phases.items():
+            med = [1e3 * statistics.median(ph[k]) for k in PHASES]
+            print(f"| {name} | " + " | ".join(f"{m:.2f}" for m in med) + f" | {sum(med):.2f} |")
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
 
