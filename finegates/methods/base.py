@@ -35,8 +35,9 @@ if TYPE_CHECKING:
 def adamw(params, **kwargs) -> torch.optim.AdamW:
     """The optimiser every method trains with: AdamW over ``params`` (tensors or groups), fused (the whole update of
     a tensor in one kernel, on the CPU as on a GPU) where every parameter is a floating-point tensor. Unfused, CPU
-    AdamW runs about ten ops per tensor: 3.8 ms of a FineGates step on MiniLM (64 tensors), 1.0 ms fused
-    (docs/BENCHMARKS.md, "Fixed costs of a step"). The same update; only the rounding of its ops differs."""
+    AdamW runs about ten ops per tensor: a quarter of the time fused for FineGates' 64 tensors on MiniLM
+    (benchmarks/optimiser_step.py; docs/BENCHMARKS.md, "A step's fixed costs"). The same update; only the rounding of
+    its ops differs."""
     groups = list(params)
     tensors = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
     fused = bool(tensors) and all(torch.is_floating_point(p) for p in tensors)
