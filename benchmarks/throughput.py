@@ -108,13 +108,16 @@ def train_round(model, method, opt, batches, amp=contextlib.nullcontext(), phase
     """Train steps over ``batches`` as ``finegates.train`` takes them: forward and the method's penalty (under
     ``amp``), backward, optimiser, the method's after-step. ``phases``: each phase's seconds are appended to
     ``phases[name]`` (``sync`` called before each reading: a GPU's queue drained, so its phases are its own)."""
+    last = 0.0
+
     def mark(name=None):
+        nonlocal last
         if phases is not None:
             sync()
             now = time.perf_counter()
             if name is not None:
-                phases.setdefault(name, []).append(now - mark.t)
-            mark.t = now
+                phases.setdefault(name, []).append(now - last)
+            last = now
 
     for step, b in enumerate(batches):
         mark()

@@ -119,9 +119,8 @@ class Gate(nn.Module):
     @torch.no_grad()
     def keep_open_(self) -> None:
         """After an optimiser step of a pinned gate: open units keep an eval value >= PINNED_OPEN_MIN (closed ones
-        are left as they are). For many gates at once: :func:`keep_open_all_`."""
-        if self.pinned:
-            self.theta.copy_(torch.maximum(self.theta, self.open_floor))
+        are left as they are): :func:`keep_open_all_` of this gate."""
+        keep_open_all_([self])
 
     def p_open(self) -> torch.Tensor:
         """P(gate open) = Phi((mu + 0.5) / sigma_reg); differentiable in theta."""

@@ -23,8 +23,9 @@ def trained(phases):
     model = method.prepare(model, tc, 10).train()
     opt = adamw(method.param_groups(model, tc))
     g = torch.Generator().manual_seed(1)
-    batches = [{"input_ids": torch.randint(1, 50, (4, 7), generator=g), "attention_mask": torch.ones(4, 7, dtype=torch.long),
-                "labels": torch.tensor([0, 1, 1, 0])} for _ in range(3)]
+    batches = [{"input_ids": torch.randint(1, 50, (4, 7), generator=g),
+                "attention_mask": torch.ones(4, 7, dtype=torch.long), "labels": torch.tensor([0, 1, 1, 0])}
+               for _ in range(3)]
     before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     torch.manual_seed(2)
     throughput.train_round(model, method, opt, batches, phases=phases)

@@ -179,7 +179,8 @@ def test_the_optimiser_is_fused_and_makes_adamws_update():
     runs = []
     for make in (adamw, torch.optim.AdamW):
         ps = [t.clone().requires_grad_() for t in start]
-        groups = [{"params": ps[:2], "lr": 1e-2, "weight_decay": 0.1}, {"params": ps[2:], "lr": 3e-2, "weight_decay": 0.0}]
+        groups = [{"params": ps[:2], "lr": 1e-2, "weight_decay": 0.1},
+                  {"params": ps[2:], "lr": 3e-2, "weight_decay": 0.0}]
         opt = make(groups, maximize=True)
         for step in range(5):
             for i, p in enumerate(ps):

@@ -113,9 +113,9 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(loopback_onl
 
 def test_a_task_whose_every_trial_failed_makes_the_sweep_fail(loopback_only, glue_dir, tmp_path):
     """Input that is valid but makes every trial fail (a gate learning rate of 1e38 sends the gates to infinity in
-    the first step, and the loss to NaN in the second): the sweep exits 1 and says per task the first line of the trials' error; nothing is
-    left RUNNING; the task's parent run is FAILED. Also: without --address the sweep starts its own Ray
-    even when $RAY_ADDRESS names a cluster."""
+    the first step, and the loss to NaN in the second): the sweep exits 1 and says per task the first line of the
+    trials' error; nothing is left RUNNING; the task's parent run is FAILED. Also: without --address the sweep starts
+    its own Ray even when $RAY_ADDRESS names a cluster."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     code, out, err = run_cli("tune.run", [
         "--smoke-test", "--tasks", "rte", "--trials-per-task", "2", "--gate-lr", "1e38", "--teacher", "none",
