@@ -289,7 +289,7 @@ def run(cfg: TrainConfig, on_epoch: EpochCallback | None = None, progress: bool 
             reg = method.regularizer(acc.unwrap_model(model), step)
             total = loss if reg is None else loss + reg
             if not torch.isfinite(total):
-                raise TrainingDiverged(f"loss became {float(total)} at step {step} (lr={cfg.lr}, gate_lr={cfg.gate_lr})")
+                raise TrainingDiverged(f"loss became {float(total.detach())} at step {step} (lr={cfg.lr}, gate_lr={cfg.gate_lr})")
             acc.backward(total)
             factor = method.lr_factor(step)
             for g, base in zip(opt.param_groups, base_lrs):
