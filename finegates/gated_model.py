@@ -157,8 +157,8 @@ def _gate_pass_end(model: nn.Module, args, output) -> None:
 
 def _set_plain(module: nn.Module, name: str, value) -> None:
     """``module.name = value`` for an attribute that is never a parameter, buffer or submodule (the per-forward state
-    above): ``nn.Module.__setattr__`` checks all three on each write, and the hooks make ~230 writes a forward on
-    MiniLM, about 2 ms of a CPU step (a GPU step of this model is ~10-20 ms, set by such overheads)."""
+    above): ``nn.Module.__setattr__`` checks all three on each write, and the hooks make 228 writes a forward on
+    MiniLM (docs/BENCHMARKS.md, "A step's fixed costs"; a GPU step of this model is set by such host work)."""
     object.__setattr__(module, name, value)
 
 
