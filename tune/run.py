@@ -315,8 +315,12 @@ def sweep(v: dict[str, Any], args: argparse.Namespace) -> tuple[Tracker, dict[st
     closed = tracker.reconcile(v["experiment"], trial_ids)
     v["stopped"] = len(tracker.find_runs(f"tags.`{TAG_ROLE}` = 'trial'", f"tags.`{TAG_SWEEP}` = '{v['experiment']}'",
                                          "tags.`stopped_early` = 'true'"))
-    log.warning("sweep %s: %d trials, %d failed, %d stopped early; %d stale MLflow runs closed", v["experiment"],
-                len(grid), errors, v["stopped"], closed)
+    summary = (f"sweep {v['experiment']}: {len(grid)} trials, {errors} failed, {v['stopped']} stopped early; "
+               f"{closed} stale MLflow runs closed")
+    if errors or closed:  # something for the user to look at: a warning; else a status line, not labelled WARNING
+        log.warning(summary)
+    else:
+        print(summary, flush=True)
     from tune.report import log_task_summary
 
     failed: dict[str, str] = {}
