@@ -18,9 +18,11 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
 
 
-def check_model(model: str | None) -> list[str]:
+def check_model(model: str | None, lengths: dict[str, int] | None = None) -> list[str]:
     """Problems with the model: a local directory must hold a loadable config.json of a supported family
-    and complete weight files; a hub id must resolve to a config (from the local cache when offline)."""
+    and complete weight files; a hub id must resolve to a config (from the local cache when offline).
+    ``lengths``: flag -> a number of tokens the run will feed the model, each at most what the model takes
+    (a BERT's position table: 512 for the embedded MiniLM), where a longer one would fail mid-run."""
     from finegates.train import resolve_model
 
     try:
@@ -40,14 +42,14 @@ def check_model(model: str | None) -> list[str]:
     if mt not in supported_model_types():  # the families of finegates.arch
         return [f"model {path!r} has model_type {mt!r}, which is not supported; accepted: "
                 f"{', '.join(supported_model_types())}"]
+    problems = _length_problems(path, config, lengths or {})
     d = Path(path)
     if not d.is_dir():
-        return []  # a hub id: its weights are checked when they are loaded
+        return problems  # a hub id: its weights are checked when they are loaded
     safetensors = sorted(d.glob("*.safetensors"))
     bins = sorted(d.glob("pytorch_model*.bin"))
     if not safetensors and not bins:
-        return [f"model {path!r} has no weights file; accepted: model.safetensors or pytorch_model.bin"]
-    problems = []
+        return problems + [f"model {path!r} has no weights file; accepted: model.safetensors or pytorch_model.bin"]
     for f in safetensors:
         from safetensors import safe_open
 
@@ -63,6 +65,14 @@ def check_model(model: str | None) -> list[str]:
                 problems.append(f"model weights {str(f)!r} are unreadable (not a complete torch zip archive); "
                                 "accepted: a complete pytorch_model.bin or model.safetensors")
     return problems
+
+
+def _length_problems(path: str, config, lengths: dict[str, int]) -> list[str]:
+    from finegates.arch import get_family
+
+    limit = get_family(config).max_tokens(config)
+    return [f"{flag} {n} is longer than model {path!r} takes ({limit} tokens: its position embeddings); "
+            f"accepted: an integer in [1, {limit}]" for flag, n in lengths.items() if limit is not None and n > limit]
 
 
 def check_output_dir(path: str | os.PathLike, flag: str) -> list[str]:
@@ -87,7 +97,7 @@ def check_run(cfg: TrainConfig, output_flag: str = "--output-dir") -> list[str]:
     from tasks import check_task_data, get_task
 
     problems = check_task_data(get_task(cfg.task), cfg.data_dir)
-    problems += check_model(cfg.model)
+    problems += check_model(cfg.model, {"--max-length": cfg.max_length, "--latency-length": cfg.latency_length})
     if cfg.output_dir:
         problems += check_output_dir(cfg.output_dir, output_flag)
     return problems

@@ -217,6 +217,9 @@ CASES = [
      ["--stop-rungs 'first' is invalid; accepted: 'all' or a comma list of epochs >= 1"], 2),
     ("run-teacher-init-without-teacher", "tune.run", lambda f, t: SWEEP + ["--teacher", "none", "--teacher-init"],
      ["--teacher-init needs a teacher, got --teacher none; accepted: --teacher lora or full"], 2),
+    ("run-max-length-beyond-the-model", "tune.run", lambda f, t: SWEEP + ["--max-length", "600"],
+     ["--max-length 600 is longer than model '", "takes (512 tokens: its position embeddings); accepted: an integer "
+      "in [1, 512]"], 2),
     ("run-two-problems", "tune.run", lambda f, t: SWEEP + ["--data-dir", f.data["labels_shifted"], "--out", f.file],
      ["labels outside the task's range", "--out '"], 2),
     # --- tune.select
@@ -263,6 +266,11 @@ CASES = [
      ["--max-train 0 must be > 0; accepted: a positive integer or 'all'"], 2),
     ("train-max-eval-not-a-number", "finegates.train", lambda f, t: TRAIN + ["--max-eval", "1e3"],
      ["--max-eval '1e3' is not an integer; accepted: a positive integer or 'all'"], 2),
+    ("train-max-length-beyond-the-model", "finegates.train", lambda f, t: TRAIN + ["--max-length", "513"],
+     ["--max-length 513 is longer than model '", "takes (512 tokens: its position embeddings); accepted: an integer "
+      "in [1, 512]"], 2),
+    ("train-latency-length-beyond-the-model", "finegates.train", lambda f, t: TRAIN + ["--latency-length", "1000"],
+     ["--latency-length 1000 is longer than model '", "accepted: an integer in [1, 512]"], 2),
     ("train-teacher-init-without-teacher", "finegates.train", lambda f, t: TRAIN + ["--teacher", "none",
                                                                                     "--teacher-init"],
      ["--teacher-init needs a teacher, got --teacher none; accepted: --teacher lora or full"], 2),

@@ -9,6 +9,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from finegates.config import TrainConfig
 from finegates.preflight import check_model, check_output_dir
 from tasks import check_task_data, get_task
 from tune.studies import check_storage as check_optuna_storage
@@ -83,7 +84,8 @@ def check_sweep(v: dict[str, Any], address: str | None) -> list[str]:
     problems: list[str] = []
     for t in v["tasks"]:
         problems += check_task_data(get_task(t), v["train"].get("data_dir"))
-    problems += check_model(v["train"]["model"])
+    max_length = TrainConfig(task=v["tasks"][0], **v["train"]).max_length  # validated by tune.run already
+    problems += check_model(v["train"]["model"], {"--max-length": max_length})
     problems += check_output_dir(v["out"], "--out")
     problems += check_storage(v["storage"])
     problems += check_tracking_path(v["uri"])

@@ -46,6 +46,11 @@ class Family:
     config_class_name: ClassVar[str] = ""
     model_class_name: ClassVar[str] = ""
 
+    def max_tokens(self, config) -> int | None:
+        """The longest input, in tokens, that a model of this family with ``config`` can take; None where the
+        family has no fixed limit (rotary positions: longer inputs run, if less well)."""
+        return None
+
     # ---- where things are
     def layers(self, model: nn.Module) -> list[nn.Module]:
         raise NotImplementedError

@@ -36,6 +36,16 @@ class Bert(Family):
     config_class_name = "FineGatesConfig"
     model_class_name = "FineGatesForSequenceClassification"
 
+    def max_tokens(self, config) -> int | None:
+        """Learned absolute positions: one row of the position table per token, and RoBERTa's positions start
+        after its padding index (514 rows, 512 tokens)."""
+        n = getattr(config, "max_position_embeddings", None)
+        if n is None:
+            return None
+        if getattr(config, "model_type", None) in _ROBERTA_HEAD:
+            n -= int(getattr(config, "pad_token_id", None) or 0) + 1
+        return int(n)
+
     def compressed_classes(self):
         from finegates.modeling_finegates import FineGatesConfig, FineGatesForSequenceClassification
 

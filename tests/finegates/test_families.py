@@ -334,3 +334,28 @@ def test_with_relative_positions_q_and_k_keep_their_own_gates():
     m = BertForSequenceClassification(BertConfig(position_embedding_type="relative_key", **KW))
     apply_gates(m)
     assert all(lg.q.row_gate_also is None and not lg.k.row_gate_elsewhere for lg in gated_layers(m))
+
+
+@pytest.mark.parametrize("name", ["bert", "roberta", "llama-gqa"])
+def test_max_tokens_is_the_longest_input_the_model_takes(name):
+    """The preflight refuses a --max-length / --latency-length above ``Family.max_tokens``: it must be exactly the
+    longest input that runs (a BERT's position table; RoBERTa's starts after its padding index), and None for
+    rotary positions, which run at any length."""
+    torch.manual_seed(0)
+    m = TINY[name]().eval()
+    limit = get_family(m).max_tokens(m.config)
+
+    def runs(n: int) -> bool:
+        ids = torch.randint(3, m.config.vocab_size, (1, n))  # no padding token
+        try:
+            with torch.no_grad():
+                m(input_ids=ids)
+            return True
+        except (IndexError, RuntimeError):
+            return False
+
+    if name.startswith("llama"):
+        assert limit is None and runs(KW["max_position_embeddings"] + 8)
+    else:
+        assert limit == {"bert": 80, "roberta": 78}[name]
+        assert runs(limit) and not runs(limit + 1)
