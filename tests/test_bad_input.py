@@ -220,6 +220,12 @@ CASES = [
     ("run-max-length-beyond-the-model", "tune.run", lambda f, t: SWEEP + ["--max-length", "600"],
      ["--max-length 600 is longer than model '", "takes (512 tokens: its position embeddings); accepted: an integer "
       "in [1, 512]"], 2),
+    ("run-gpus-beyond-the-local-ray", "tune.run", lambda f, t: SWEEP + ["--gpus-per-trial", "64"],
+     ["--gpus-per-trial 64 asks for more than this machine's Ray has (", "GPUs): no trial could start; accepted: ",
+      "or --address of a cluster with GPU nodes"], 2),
+    ("run-cpus-beyond-the-local-ray", "tune.run", lambda f, t: SWEEP + ["--cpus-per-trial", "1000"],
+     ["--cpus-per-trial 1000 asks for more than this machine's Ray has (", "CPUs): no trial could start; accepted: "
+      "a number in (0, "], 2),
     ("run-two-problems", "tune.run", lambda f, t: SWEEP + ["--data-dir", f.data["labels_shifted"], "--out", f.file],
      ["labels outside the task's range", "--out '"], 2),
     # --- tune.select
@@ -328,7 +334,13 @@ def _args(command: str, fx, tmp: Path, build) -> list[str]:
     return args
 
 
-@pytest.mark.parametrize("name,command,build,expected,code", CASES, ids=[c[0] for c in CASES])
+#: cases that, were the check gone, would not fail but wait forever (a trial that can never start): they run as
+#: processes under a time limit only (test_bad_input_as_a_process)
+WOULD_WAIT = {"run-gpus-beyond-the-local-ray", "run-cpus-beyond-the-local-ray"}
+IN_PROCESS = [c for c in CASES if c[0] not in WOULD_WAIT]
+
+
+@pytest.mark.parametrize("name,command,build,expected,code", IN_PROCESS, ids=[c[0] for c in IN_PROCESS])
 def test_bad_input_is_refused_before_anything_starts(name, command, build, expected, code, fx, tmp_path,
                                                      monkeypatch, capsys, request):
     import ray
@@ -360,7 +372,8 @@ def test_bad_input_is_refused_before_anything_starts(name, command, build, expec
 
 
 # the same refusals through the real processes: exit code, one stderr line, no traceback, nothing written
-PROCESS_CASES = ["run-address-nothing-listens", "select-no-finished-trial", "train-truncated-safetensors"]
+PROCESS_CASES = ["run-address-nothing-listens", "select-no-finished-trial", "train-truncated-safetensors",
+                 *sorted(WOULD_WAIT)]
 
 
 @pytest.mark.parametrize("name", PROCESS_CASES)

@@ -257,6 +257,42 @@ def _stop_rule(args: argparse.Namespace, budgets: list[float], epochs: float):
                     rungs=rungs, epochs=epochs)
 
 
+def _local_ray_resources() -> dict[str, float] | None:
+    """The CPUs and GPUs that a local Ray started here would have, by Ray's own detection (cgroup CPU quotas,
+    CUDA_VISIBLE_DEVICES), without starting it; None where this Ray version does not expose it."""
+    try:
+        from ray._private.accelerators import get_accelerator_manager_for_resource
+        from ray._private.utils import get_num_cpus
+
+        gpus = get_accelerator_manager_for_resource("GPU").get_current_node_num_accelerators()
+        return {"CPU": float(get_num_cpus()), "GPU": float(gpus)}
+    except Exception:  # noqa: BLE001 - a private API: without it the check is skipped, Tune then warns as it waits
+        return None
+
+
+def _check_local_resources(v: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """A sweep without --address starts a Ray of its own, which has no autoscaler: a trial asking for more than the
+    machine has would never start, and Tune would wait for it forever. Checked before Ray starts."""
+    if args.address:
+        return []  # a cluster may add nodes
+    resources = _local_ray_resources()
+    problem = resources and _local_resources_problem(resources, v["cpus"], args.gpus_per_trial)
+    return [problem] if problem else []
+
+
+def _local_resources_problem(resources: dict[str, float], cpus: float, gpus: float) -> str | None:
+    """What is wrong with trials of ``cpus`` and ``gpus`` on a Ray of ``resources``; None when one trial fits."""
+    have_cpu, have_gpu = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    if gpus > have_gpu:
+        here = "0 here (no GPU)" if have_gpu == 0 else f"at most {have_gpu:g} here"
+        return (f"--gpus-per-trial {gpus:g} asks for more than this machine's Ray has ({have_gpu:g} GPUs): no trial "
+                f"could start; accepted: {here}, or --address of a cluster with GPU nodes")
+    if cpus > have_cpu:
+        return (f"--cpus-per-trial {cpus:g} asks for more than this machine's Ray has ({have_cpu:g} CPUs): no trial "
+                f"could start; accepted: a number in (0, {have_cpu:g}] here, or --address of a larger cluster")
+    return None
+
+
 def sweep(v: dict[str, Any], args: argparse.Namespace) -> tuple[Tracker, dict[str, str]]:
     """Run (or resume) the Tuner; tag, plot and close each task's parent run. Returns the tracker and,
     for every task without a finished trial, a one-line reason (the first line of its trials' error)."""
@@ -409,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     problems = check_sweep(v, args.address)  # data, model, paths, tracking store, address: nothing written yet
+    if not problems:
+        problems = _check_local_resources(v, args)
     if not problems:
         problems = _check_eval_splits(v)
     if not problems:
