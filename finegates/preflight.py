@@ -92,12 +92,16 @@ def check_output_dir(path: str | os.PathLike, flag: str) -> list[str]:
 
 
 def check_run(cfg: TrainConfig, output_flag: str = "--output-dir") -> list[str]:
-    """Everything one training run needs, checked before it starts: the task's data, the model and the
-    output directory."""
+    """Everything one training run needs, checked before it starts: the task's data, the model, the output
+    directory and the teacher cache."""
     from tasks import check_task_data, get_task
 
     problems = check_task_data(get_task(cfg.task), cfg.data_dir)
     problems += check_model(cfg.model, {"--max-length": cfg.max_length, "--latency-length": cfg.latency_length})
     if cfg.output_dir:
         problems += check_output_dir(cfg.output_dir, output_flag)
+    if cfg.teacher != "none" or cfg.teacher_cache is not None:  # read by a student, written by a dense run after it
+        from finegates.distill import cache_root
+
+        problems += check_output_dir(cache_root(cfg), "--teacher-cache")
     return problems

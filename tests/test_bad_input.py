@@ -277,6 +277,8 @@ CASES = [
       "in [1, 512]"], 2),
     ("train-latency-length-beyond-the-model", "finegates.train", lambda f, t: TRAIN + ["--latency-length", "1000"],
      ["--latency-length 1000 is longer than model '", "accepted: an integer in [1, 512]"], 2),
+    ("train-teacher-cache-is-a-file", "finegates.train", lambda f, t: TRAIN + ["--teacher-cache", f.file],
+     ["--teacher-cache '", "a-file.txt' is an existing file; accepted: a directory"], 2),
     ("train-teacher-init-without-teacher", "finegates.train", lambda f, t: TRAIN + ["--teacher", "none",
                                                                                     "--teacher-init"],
      ["--teacher-init needs a teacher, got --teacher none; accepted: --teacher lora or full"], 2),
