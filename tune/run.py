@@ -228,6 +228,7 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
         spaces = [override(get_space(m), space_spec) for m in methods]
     except ValueError as e:
         raise UsageError(str(e)) from None
+    _check_space_values(spaces, space_spec, train, tasks[0])
     experiment = args.experiment or ("finegates-smoke" if args.smoke_test else
                                      "finegates-" + ("glue" if args.tasks == "glue" else "-".join(tasks)))
     out = Path(args.out).resolve() if args.out else Path("runs", experiment).resolve()
@@ -255,6 +256,27 @@ def _stop_rule(args: argparse.Namespace, budgets: list[float], epochs: float):
         return None
     return StopRule(budget=max(budgets), budget_mode=args.budget_mode, margin=args.stop_margin, k=args.stop_k,
                     rungs=rungs, epochs=epochs)
+
+
+def _check_space_values(spaces: list, spec: dict[str, Any], train: dict[str, Any], task: str) -> None:
+    """Every value that --search-space lets a trial draw (each choice, each end of a range) must make a valid trial
+    configuration of each method that searches it; otherwise its trials would fail one by one in the sweep."""
+    from optuna.distributions import CategoricalDistribution
+
+    from finegates.config import ConfigError
+    from tune.trial import trial_config
+
+    for space in spaces:
+        for name, dist in space.distributions.items():
+            if name not in spec:
+                continue
+            values = dist.choices if isinstance(dist, CategoricalDistribution) else (dist.low, dist.high)
+            for value in values:
+                try:
+                    trial_config({**space.fixed, "method": space.method, "task": task, name: value}, {"train": train},
+                                 output_dir="")
+                except ConfigError as e:
+                    raise UsageError(f"--search-space {name}: {e} (method {space.method})") from None
 
 
 def _local_ray_resources() -> dict[str, float] | None:

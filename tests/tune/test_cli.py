@@ -21,6 +21,12 @@ CASES = [
     (["--search-space", '{"lamda": [1, 3]}'], "search space key 'lamda' is unknown; accepted: lr, rank, target_sparsity"),
     # a key of a method that is not in --methods is refused too
     (["--search-space", '{"k": [8, 64]}'], "search space key 'k' is unknown; accepted: lr, rank, target_sparsity"),
+    # every value a trial may draw must make a valid trial: otherwise those trials would fail one by one in the sweep
+    (["--search-space", '{"rank": {"choices": [0, -1]}}'],
+     "--search-space rank: rank=-1 is invalid; accepted: an integer >= 0 (0 = gates only) (method finegates)"),
+    (["--search-space", '{"rank": [1, 8]}'], "--search-space rank: rank=1.0 is invalid; accepted: an integer >= 0"),
+    (["--search-space", '{"target_sparsity": {"choices": [0.5, 1.5]}}'],
+     "--search-space target_sparsity: target_sparsity=1.5 is invalid; accepted: a number in [0, 1)"),
     (["--model", "/no/such/model"], "model path '/no/such/model' does not exist"),
     (["--seeds", "0"], "--seeds 0 is invalid; accepted: an integer >= 1"),
     (["--head-lr", "0"], "head_lr=0.0 is invalid; accepted: a finite number > 0, or none for the method's lr"),
