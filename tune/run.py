@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
@@ -179,6 +180,9 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(problem)
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise UsageError(f"--max-concurrent {args.max_concurrent} must be >= 1")
+    if args.max_failures < 0:  # Ray reads -1 as "retry for ever": a trial that fails every time would never end
+        raise UsageError(f"--max-failures {args.max_failures} is invalid; accepted: an integer >= 0 (retries of a "
+                         "trial whose worker died)")
     if args.gpus_per_trial < 0:
         raise UsageError(f"--gpus-per-trial {args.gpus_per_trial} must be >= 0 (fractions like 0.25 allowed)")
     cpus = args.cpus_per_trial if args.cpus_per_trial is not None else float(min(2, os.cpu_count() or 1))
@@ -252,6 +256,10 @@ def _stop_rule(args: argparse.Namespace, budgets: list[float], epochs: float):
         rungs = parse_rungs(args.stop_rungs)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    last = math.ceil(epochs)  # a trial reports once per (started) epoch: a later rung would never be reached
+    if rungs is not None and rungs[-1] > last:
+        raise UsageError(f"--stop-rungs {args.stop_rungs!r} has an epoch past the trials' last ({last}); accepted: "
+                         f"'all' or epochs in 1..{last}")
     if args.scheduler == "none":
         return None
     return StopRule(budget=max(budgets), budget_mode=args.budget_mode, margin=args.stop_margin, k=args.stop_k,

@@ -15,6 +15,10 @@ CASES = [
     (["--storage", "runs/ray"], "--storage 'runs/ray' must be an absolute path or a URI"),
     (["--methods", "finegates,bogus"], "--methods 'bogus' is invalid; accepted: finegates, finegates-lora, gift-sw, sparta, propulsion, lora, bitfit, full"),
     (["--gpus-per-trial", "-1"], "--gpus-per-trial -1.0 must be >= 0"),
+    (["--stop-rungs", "1,4", "--epochs", "3"], "--stop-rungs '1,4' has an epoch past the trials' last (3); accepted: "
+                                               "'all' or epochs in 1..3"),
+    (["--max-failures", "-1"], "--max-failures -1 is invalid; accepted: an integer >= 0 (retries of a trial whose "
+                               "worker died)"),
     (["--max-train", "0"], "--max-train 0 must be > 0"),
     (["--search-space", "{bad"], "--search-space '{bad' is not a JSON object"),
     (["--search-space", '{"lr": [0, 1]}'], "search space lr=[0, 1] is invalid"),
