@@ -123,7 +123,8 @@ _VARIANT_FLAGS = {"dl05": ["--dual-lr", "0.05"], "dr": ["--dual-reset", "crossin
 for _name in ("fgl-40-kdinit-dl05", "fgl-40-kdinit-al-dl05", "fgl-40-kdinit-dr", "fgl-60-kdinit-dr",
               "fgl-40-kdinit-al-dr", "fgl-40-kdinit-dr-dl5", "fgl-60-kdinit-dr-dl5", "fgl-40-kdinit-dr-dl5-ra",
               "fgl-60-kdinit-dr-dl5-ra", "fgl-40-kdinit-dr-dl5-r45", "fgl-60-kdinit-dr-dl5-r45",
-              "fgl-40-kdinit-dr-dl5-w45", "fgl-60-kdinit-dr-dl5-w45", "fgl-60-kdinit-dr-dl5-w45-ra",
+              "fgl-40-kdinit-dr-dl5-w45", "fgl-60-kdinit-dr-dl5-w45", "fgl-40-kdinit-dr-dl5-w45-ra",
+              "fgl-60-kdinit-dr-dl5-w45-ra",
               "fg-40-kdinit-dr", "fg-40-kdinit-dr-dl5", "fg-40-kdinit-dr-dl5-w45"):
     _base, _, _variant = _name.rpartition("-")
     CONFIGS[_name] = [*CONFIGS[_base], *_VARIANT_FLAGS[_variant]]
