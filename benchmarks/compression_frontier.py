@@ -128,6 +128,9 @@ for _name in ("fgl-40-kdinit-dl05", "fgl-40-kdinit-al-dl05", "fgl-40-kdinit-dr",
               "fg-40-kdinit-dr", "fg-40-kdinit-dr-dl5", "fg-40-kdinit-dr-dl5-w45"):
     _base, _, _variant = _name.rpartition("-")
     CONFIGS[_name] = [*CONFIGS[_base], *_VARIANT_FLAGS[_variant]]
+# today's 40% defaults with LoRA and the head at lr 3e-4 instead of 1e-3 (the flag given last wins): a student that
+# starts from its teacher already knows the task (session 25, on CoLA)
+CONFIGS["fgl-40-kdinit-dr-dl5-w45-lr3e-4"] = [*CONFIGS["fgl-40-kdinit-dr-dl5-w45"], "--lr", "3e-4"]
 
 # Since session 13 a distilled student starts from its teacher (--teacher-init, the default): the configs that
 # do not say -kdinit start from the pretrained model, as they did when their rows were measured.
