@@ -18,11 +18,13 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
 
 
-def check_model(model: str | None, lengths: dict[str, int] | None = None) -> list[str]:
+def check_model(model: str | None, lengths: dict[str, int] | None = None, texts: int | None = None) -> list[str]:
     """Problems with the model: a local directory must hold a loadable config.json of a supported family
     and complete weight files; a hub id must resolve to a config (from the local cache when offline).
     ``lengths``: flag -> a number of tokens the run will feed the model, each at most what the model takes
-    (a BERT's position table: 512 for the embedded MiniLM), where a longer one would fail mid-run."""
+    (a BERT's position table: 512 for the embedded MiniLM), where a longer one would fail mid-run.
+    ``texts``: the most text columns an input of the run's tasks has (1, or 2 for pairs); with it, ``--max-length``
+    must also leave a token of each text beside the tokenizer's special tokens (:func:`shortest_max_length`)."""
     from finegates.train import resolve_model
 
     try:
@@ -42,7 +44,7 @@ def check_model(model: str | None, lengths: dict[str, int] | None = None) -> lis
     if mt not in supported_model_types():  # the families of finegates.arch
         return [f"model {path!r} has model_type {mt!r}, which is not supported; accepted: "
                 f"{', '.join(supported_model_types())}"]
-    problems = _length_problems(path, config, lengths or {})
+    problems = _length_problems(path, config, lengths or {}, texts)
     d = Path(path)
     if not d.is_dir():
         return problems  # a hub id: its weights are checked when they are loaded
@@ -67,12 +69,40 @@ def check_model(model: str | None, lengths: dict[str, int] | None = None) -> lis
     return problems
 
 
-def _length_problems(path: str, config, lengths: dict[str, int]) -> list[str]:
+def _length_problems(path: str, config, lengths: dict[str, int], texts: int | None) -> list[str]:
     from finegates.arch import get_family
 
     limit = get_family(config).max_tokens(config)
-    return [f"{flag} {n} is longer than model {path!r} takes ({limit} tokens: its position embeddings); "
-            f"accepted: an integer in [1, {limit}]" for flag, n in lengths.items() if limit is not None and n > limit]
+    lowest = {"--max-length": shortest_max_length(path, texts)} if texts and "--max-length" in lengths else {}
+    problems = []
+    for flag, n in lengths.items():
+        lo = lowest.get(flag) or 1
+        accepted = f"accepted: an integer in [{lo}, {limit}]" if limit is not None else f"accepted: an integer >= {lo}"
+        if limit is not None and n > limit:
+            problems.append(f"{flag} {n} is longer than model {path!r} takes ({limit} tokens: its position "
+                            f"embeddings); {accepted}")
+        elif n < lo:
+            what = ("a sentence pair", "one of its two texts") if texts > 1 else ("a sentence", "the sentence")
+            problems.append(f"{flag} {n} is too short: the tokenizer of model {path!r} adds {lo - texts} special "
+                            f"tokens to {what[0]}, so under {lo} tokens no word of {what[1]} is left (and under "
+                            f"{lo - texts} the tokenizer does not cut at all); {accepted}")
+    return problems
+
+
+def shortest_max_length(path: str, texts: int) -> int | None:
+    """The shortest ``--max-length`` that keeps a token of each of an input's ``texts`` texts: the tokenizer's
+    special tokens plus ``texts`` (3 for a single sentence with BERT's [CLS] x [SEP], 5 for a pair). Shorter, the
+    input is cut to its special tokens or, below their count, not cut at all (the tokenizer logs and returns the
+    whole input). None where the tokenizer does not load (the run itself then says why)."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        return int(tok.num_special_tokens_to_add(pair=texts > 1)) + texts
+    except Exception:  # noqa: BLE001 - a model without a loadable tokenizer fails in load_base, with its reason
+        return None
 
 
 def check_output_dir(path: str | os.PathLike, flag: str) -> list[str]:
@@ -97,7 +127,8 @@ def check_run(cfg: TrainConfig, output_flag: str = "--output-dir") -> list[str]:
     from tasks import check_task_data, get_task
 
     problems = check_task_data(get_task(cfg.task), cfg.data_dir)
-    problems += check_model(cfg.model, {"--max-length": cfg.max_length, "--latency-length": cfg.latency_length})
+    problems += check_model(cfg.model, {"--max-length": cfg.max_length, "--latency-length": cfg.latency_length},
+                            texts=len(get_task(cfg.task).text_columns))
     if cfg.output_dir:
         problems += check_output_dir(cfg.output_dir, output_flag)
     if cfg.teacher != "none" or cfg.teacher_cache is not None:  # read by a student, written by a dense run after it

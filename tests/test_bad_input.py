@@ -219,7 +219,11 @@ CASES = [
      ["--teacher-init needs a teacher, got --teacher none; accepted: --teacher lora or full"], 2),
     ("run-max-length-beyond-the-model", "tune.run", lambda f, t: SWEEP + ["--max-length", "600"],
      ["--max-length 600 is longer than model '", "takes (512 tokens: its position embeddings); accepted: an integer "
-      "in [1, 512]"], 2),
+      "in [5, 512]"], 2),
+    # RTE's inputs are pairs: [CLS] a [SEP] b [SEP] needs 5 tokens to keep a word of each text
+    ("run-max-length-below-the-special-tokens", "tune.run", lambda f, t: SWEEP + ["--max-length", "2"],
+     ["--max-length 2 is too short: the tokenizer of model '", "adds 3 special tokens to a sentence pair, so under 5 "
+      "tokens no word of one of its two texts is left", "accepted: an integer in [5, 512]"], 2),
     ("run-gpus-beyond-the-local-ray", "tune.run", lambda f, t: SWEEP + ["--gpus-per-trial", "64"],
      ["--gpus-per-trial 64 asks for more than this machine's Ray has (", "GPUs): no trial could start; accepted: ",
       "or --address of a cluster with GPU nodes"], 2),
@@ -274,7 +278,13 @@ CASES = [
      ["--max-eval '1e3' is not an integer; accepted: a positive integer or 'all'"], 2),
     ("train-max-length-beyond-the-model", "finegates.train", lambda f, t: TRAIN + ["--max-length", "513"],
      ["--max-length 513 is longer than model '", "takes (512 tokens: its position embeddings); accepted: an integer "
-      "in [1, 512]"], 2),
+      "in [5, 512]"], 2),
+    ("train-max-length-empties-one-text-of-a-pair", "finegates.train", lambda f, t: TRAIN + ["--max-length", "4"],
+     ["--max-length 4 is too short", "accepted: an integer in [5, 512]"], 2),
+    ("train-max-length-below-the-special-tokens-of-a-sentence", "finegates.train",
+     lambda f, t: ["--task", "sst2", "--smoke-test", "--no-progress", "--max-length", "1"],
+     ["--max-length 1 is too short: the tokenizer of model '", "adds 2 special tokens to a sentence, so under 3 "
+      "tokens no word of the sentence is left", "accepted: an integer in [3, 512]"], 2),
     ("train-latency-length-beyond-the-model", "finegates.train", lambda f, t: TRAIN + ["--latency-length", "1000"],
      ["--latency-length 1000 is longer than model '", "accepted: an integer in [1, 512]"], 2),
     ("train-teacher-cache-is-a-file", "finegates.train", lambda f, t: TRAIN + ["--teacher-cache", f.file],

@@ -85,7 +85,8 @@ def check_sweep(v: dict[str, Any], address: str | None) -> list[str]:
     for t in v["tasks"]:
         problems += check_task_data(get_task(t), v["train"].get("data_dir"))
     max_length = TrainConfig(task=v["tasks"][0], **v["train"]).max_length  # validated by tune.run already
-    problems += check_model(v["train"]["model"], {"--max-length": max_length})
+    texts = max(len(get_task(t).text_columns) for t in v["tasks"])
+    problems += check_model(v["train"]["model"], {"--max-length": max_length}, texts=texts)
     problems += check_output_dir(v["out"], "--out")
     problems += check_storage(v["storage"])
     problems += check_tracking_path(v["uri"])
