@@ -174,11 +174,12 @@ def test_attached_sweep_spreads_trials_and_falls_back_to_cpu(cluster, server, gl
 
 def test_worker_node_killed_and_tracking_server_stopped_mid_sweep(cluster, server, glue_dir, tmp_path):
     p, info = cluster
-    # trials of ~20 s instead of the smoke scale's ~3 s, so that the node dies with its trial still running
-    # (with ~10 s trials the trial seen running could finish before the kill: seen in CI under load)
-    args = sweep_args(tmp_path, server, info["address"], "faults", "--tasks", "rte", "--trials-per-task", "6",
+    # trials of ~50 s instead of the smoke scale's ~3 s, so that the node dies with its trial still running
+    # (with ~10 s trials the trial seen running could finish before the kill: seen in CI under load). Four trials:
+    # after the kill the one node left runs them one by one, the last of them while the server is away
+    args = sweep_args(tmp_path, server, info["address"], "faults", "--tasks", "rte", "--trials-per-task", "4",
                       "--data-dir", str(glue_dir), "--max-concurrent", "2", "--max-failures", "2",
-                      "--max-train", "512", "--epochs", "2", "--scheduler", "none")  # all 6 run to the end
+                      "--max-train", "512", "--epochs", "2", "--scheduler", "none")  # all 4 run to the end
     d = spawn_cli("tune.run", args, tmp_path)
     try:
         wait_finished(server.uri, "faults", 1, d)
@@ -196,9 +197,9 @@ def test_worker_node_killed_and_tracking_server_stopped_mid_sweep(cluster, serve
     runs = trial_runs(server.uri, "faults")
     report("worker node killed + tracking server stopped 8 s", runs)
     ids = [r.data.tags["ray_trial_id"] for r in runs]
-    assert len(ids) == 6 and len(set(ids)) == 6  # none lost, none duplicated
+    assert len(ids) == 4 and len(set(ids)) == 4  # none lost, none duplicated
     assert {r.info.status for r in runs} <= {"FINISHED", "FAILED"}  # none left RUNNING
-    assert sum(r.info.status == "FINISHED" for r in runs) >= 5
+    assert sum(r.info.status == "FINISHED" for r in runs) >= 3
     assert any("restarts" in r.data.tags for r in runs)  # the lost trial was retried in its own run
     assert (tmp_path / "out" / "selection" / "selection.json").is_file()
 
