@@ -73,10 +73,10 @@ def _length_problems(path: str, config, lengths: dict[str, int], texts: int | No
     from finegates.arch import get_family
 
     limit = get_family(config).max_tokens(config)
-    lowest = {"--max-length": shortest_max_length(path, texts)} if texts and "--max-length" in lengths else {}
+    shortest = shortest_max_length(path, texts) if texts and "--max-length" in lengths else None
     problems = []
     for flag, n in lengths.items():
-        lo = lowest.get(flag) or 1
+        lo = shortest if flag == "--max-length" and shortest else 1
         accepted = f"accepted: an integer in [{lo}, {limit}]" if limit is not None else f"accepted: an integer >= {lo}"
         if limit is not None and n > limit:
             problems.append(f"{flag} {n} is longer than model {path!r} takes ({limit} tokens: its position "
@@ -95,9 +95,7 @@ def shortest_max_length(path: str, texts: int) -> int | None:
     input is cut to its special tokens or, below their count, not cut at all (the tokenizer logs and returns the
     whole input). None where the tokenizer does not load (the run itself then says why)."""
     from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
     try:
         tok = AutoTokenizer.from_pretrained(path)
         return int(tok.num_special_tokens_to_add(pair=texts > 1)) + texts
